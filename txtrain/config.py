@@ -1,0 +1,242 @@
+"""Typed schemas for the config tree.
+
+Every YAML file under ``configs/`` is merged onto one of these dataclasses, so a key that
+does not exist, a value of the wrong type or a choice outside its enum fails while Hydra
+composes the config. Checks that need more than one field live in ``__post_init__``, which
+runs when the composed config is turned into these objects (``OmegaConf.to_object``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A value the user chose is impossible. Reported as one line, never as a traceback."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        require(value > 0, f"{owner}.{name} must be positive, got {value}")
+
+
+# Choices. Enum names equal their values so YAML and the command line use plain words.
+class Pos(str, Enum):
+    learned = "learned"
+    sinusoidal = "sinusoidal"
+    rope = "rope"
+    none = "none"
+
+
+class Norm(str, Enum):
+    pre = "pre"
+    post = "post"
+
+
+class Activation(str, Enum):
+    gelu = "gelu"
+    relu = "relu"
+
+
+class AttentionImpl(str, Enum):
+    manual = "manual"
+    sdpa = "sdpa"
+
+
+class SyntheticKind(str, Enum):
+    copy = "copy"
+    reverse = "reverse"
+    fibonacci = "fibonacci"
+
+
+class Strategy(str, Enum):
+    none = "none"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+
+
+class ScheduleName(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    noam = "noam"
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: Optional[int] = None  # feed-forward width; None means 4 * n_embd
+    max_seq_len: int = 1024  # size of the learned position table; a cap for the others
+    pos: Pos = Pos.learned
+    norm: Norm = Norm.pre
+    activation: Activation = Activation.gelu
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    impl: AttentionImpl = AttentionImpl.sdpa
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        require_positive("model", n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, max_seq_len=self.max_seq_len)
+        require(self.n_embd % self.n_head == 0,
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                "choose a width that is a multiple of the number of heads")
+        if self.d_ff is not None:
+            require_positive("model", d_ff=self.d_ff)
+        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.pos == Pos.rope:
+            require((self.n_embd // self.n_head) % 2 == 0,
+                    "model.pos=rope needs an even head dimension (n_embd / n_head)")
+
+    @property
+    def ffn_width(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.n_embd
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class SyntheticTaskConfig(TaskConfig):
+    """copy / reverse: a string of symbols; fibonacci: two seeds, then the next terms.
+
+    Lengths count symbols for copy and reverse and generated terms for fibonacci.
+    """
+
+    name: SyntheticKind = SyntheticKind.reverse
+    n_symbols: int = 10
+    min_len: int = 1
+    max_len: int = 16
+    eval_min_len: Optional[int] = None  # held-out lengths; None means the training range
+    eval_max_len: Optional[int] = None
+    n_eval: int = 1000  # size of the fixed held-out set
+    modulus: int = 1000  # fibonacci: terms are taken modulo this bound
+    lsb_first: bool = True  # fibonacci: write digits least significant first (carries flow forward)
+
+    def __post_init__(self) -> None:
+        require_positive("task", n_symbols=self.n_symbols, min_len=self.min_len,
+                         max_len=self.max_len, n_eval=self.n_eval)
+        require(self.min_len <= self.max_len,
+                f"task.min_len={self.min_len} is larger than task.max_len={self.max_len}")
+        require(self.modulus >= 2, f"task.modulus must be at least 2, got {self.modulus}")
+        lo, hi = self.eval_lengths
+        require(0 < lo <= hi, f"task.eval_min_len={lo} and task.eval_max_len={hi} are not a range")
+
+    @property
+    def eval_lengths(self) -> tuple[int, int]:
+        lo = self.min_len if self.eval_min_len is None else self.eval_min_len
+        hi = self.max_len if self.eval_max_len is None else self.eval_max_len
+        return lo, hi
+
+
+@dataclass
+class ParallelConfig:
+    name: Strategy = Strategy.none
+
+
+@dataclass
+class PrecisionConfig:
+    name: Dtype = Dtype.fp32
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+
+    def __post_init__(self) -> None:
+        require_positive("optim", lr=self.lr, eps=self.eps)
+        require(self.weight_decay >= 0, "optim.weight_decay must not be negative")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
+        require(0 <= self.momentum < 1, "optim.momentum must be in [0, 1)")
+
+
+@dataclass
+class ScheduleConfig:
+    name: ScheduleName = ScheduleName.cosine
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine: the floor, as a fraction of optim.lr
+
+    def __post_init__(self) -> None:
+        require(self.warmup_steps >= 0, "schedule.warmup_steps must not be negative")
+        require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+        require(self.name != ScheduleName.noam or self.warmup_steps > 0,
+                "schedule=noam needs schedule.warmup_steps > 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # global: sequences per optimizer step, all ranks and micro-batches
+    micro_batch_size: Optional[int] = None  # per rank and forward pass; None: no accumulation
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    label_smoothing: float = 0.0
+    log_every: int = 10
+    eval_every: int = 250  # 0: only at the end
+    save_every: int = 500  # 0: only at the end
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        require_positive("train", steps=self.steps, batch_size=self.batch_size,
+                         log_every=self.log_every, eval_batch_size=self.eval_batch_size)
+        if self.micro_batch_size is not None:
+            require_positive("train", micro_batch_size=self.micro_batch_size)
+        require(self.eval_every >= 0 and self.save_every >= 0,
+                "train.eval_every and train.save_every must not be negative")
+        require(self.grad_clip >= 0, "train.grad_clip must not be negative")
+        require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+
+
+@dataclass
+class DebugConfig:
+    overfit_batch: bool = False  # train on one fixed batch: the loss must go to ~0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Any = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    seed: int = 0
+    resume: str = "auto"  # auto (latest in the run dir) | never | a checkpoint path
+    progress: bool = True  # progress bar, shown only on a terminal
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="txtrain_schema", node=Config)
+    store.store(group="schema/task", name="synthetic", node=SyntheticTaskConfig)

@@ -1,0 +1,78 @@
+"""What a run reports: JSONL logs in the run dir, a progress bar, and messages.
+
+Only the main rank writes; the others get a logger that does nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("txtrain")
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start_step: int, total_steps: int):
+        self.enabled = enabled
+        self.files = {}
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.files = {name: open(run_dir / f"{name}.jsonl", "a", encoding="utf-8")
+                          for name in ("metrics", "eval")}
+        show_bar = enabled and progress and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar,
+                        dynamic_ncols=True, unit="step", leave=False)
+        self.started = time.perf_counter()
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar.disable:
+            log.info(message)
+        else:
+            with _above_bar(self.bar):
+                log.info(message)
+
+    def step(self, record: dict | None = None) -> None:
+        """Advance the bar by one step; write ``record`` to metrics.jsonl if given."""
+        self.bar.update(1)
+        if record is not None and self.enabled:
+            self._write("metrics", record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def eval(self, record: dict) -> None:
+        if self.enabled:
+            self._write("eval", record)
+            self.info("eval  " + "  ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+
+    def _write(self, name: str, record: dict) -> None:
+        handle = self.files[name]
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        for handle in self.files.values():
+            handle.close()
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class _above_bar:
+    """Print log lines above the bar instead of through it."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __enter__(self):
+        self.bar.clear()
+
+    def __exit__(self, *exc):
+        self.bar.refresh()

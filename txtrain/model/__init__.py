@@ -1,0 +1,3 @@
+from txtrain.model.transformer import Transformer
+
+__all__ = ["Transformer"]

@@ -1,0 +1,113 @@
+"""The decoder-only transformer (GPT): embeddings, a stack of blocks, a final norm and the
+output head. Each block is attention and a feed-forward layer, each wrapped in a residual
+connection with layer norm before (pre-norm, GPT-2) or after (post-norm, the 2017 paper)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from txtrain.config import ModelConfig
+from txtrain.model.attention import MultiHeadAttention
+from txtrain.model.positions import LearnedPositions, Rotary, SinusoidalPositions
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.activation.value]()
+        self.down = nn.Linear(cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
+        super().__init__()
+        self.pre_norm = cfg.norm.value == "pre"
+        self.attn_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias,
+                                       cfg.impl.value, rotary)
+        self.ffn_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x))
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class Transformer(nn.Module):
+    """GPT: logits for the next token at every position of ``idx`` (B, T) -> (B, T, V).
+
+    ``vocab_size`` is the task's vocabulary; the embedding may be padded to
+    ``padded_vocab_size`` (a multiple of 64 is friendlier to matmul kernels). Padded rows are
+    sliced off the logits, so they never touch the loss.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, padded_vocab_size: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        table_size = max(vocab_size, padded_vocab_size or vocab_size)
+        self.token_embedding = nn.Embedding(table_size, cfg.n_embd)
+        self.positions = make_additive_positions(cfg)
+        rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos.value == "rope" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
+        self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm.value == "pre" else nn.Identity()
+        self.head = nn.Linear(cfg.n_embd, table_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.token_embedding.weight
+        self.apply(init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * layers).
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out.weight", "ffn.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(idx)
+        if self.positions is not None:
+            x = x + self.positions(idx.shape[1], idx.device)
+        return self.dropout(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(x))[..., : self.vocab_size]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.logits(x)
+
+    def num_parameters(self) -> int:
+        """Distinct trainable parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def make_additive_positions(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.pos.value == "learned":
+        return LearnedPositions(cfg.max_seq_len, cfg.n_embd)
+    if cfg.pos.value == "sinusoidal":
+        return SinusoidalPositions(cfg.n_embd)
+    return None  # rope lives inside attention; none has no position information at all
+
+
+def init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)

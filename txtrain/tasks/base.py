@@ -1,0 +1,64 @@
+"""What every task hands the trainer: batches of (inputs, targets) and an evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (prompt and padding)
+PAD = 0  # input token used to right-pad shorter sequences
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) token ids
+    targets: torch.Tensor  # (B, T) next-token ids, IGNORE_INDEX where nothing is predicted
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, rows: slice) -> "Batch":
+        return Batch(self.inputs[rows], self.targets[rows])
+
+    def split(self, size: int) -> list["Batch"]:
+        return [self[i:i + size] for i in range(0, len(self), size)]
+
+    def to(self, device: torch.device) -> "Batch":
+        non_blocking = device.type == "cuda"
+        return Batch(self.inputs.to(device, non_blocking=non_blocking),
+                     self.targets.to(device, non_blocking=non_blocking))
+
+    @property
+    def n_targets(self) -> int:
+        """Target tokens that count towards the loss."""
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def collate(pairs: list[tuple[list[int], list[int]]]) -> Batch:
+    """Right-pad (inputs, targets) pairs of different lengths into one batch. In a causal model
+    padding at the end can never influence the real positions before it."""
+    length = max(len(inputs) for inputs, _ in pairs)
+    inputs = torch.full((len(pairs), length), PAD, dtype=torch.long)
+    targets = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (x, y) in enumerate(pairs):
+        inputs[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        targets[row, : len(y)] = torch.tensor(y, dtype=torch.long)
+    return Batch(inputs, targets)
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> logits (B, T, V)
+
+
+class Task(Protocol):
+    vocab_size: int
+    max_seq_len: int  # the longest input the task will ever feed the model
+
+    def describe(self) -> str: ...
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        """The global batch of a step: a pure function of the run's seed and the step, so a
+        resumed run reads exactly the data an uninterrupted one would have."""
+
+    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]: ...

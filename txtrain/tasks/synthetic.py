@@ -1,0 +1,152 @@
+"""Copy, reverse and fibonacci: sequences generated on the fly from a seed.
+
+A sequence is ``prompt SEP answer EOS``. The model reads it shifted by one and is scored only
+on the answer (and EOS): prompt positions carry IGNORE_INDEX in the targets. A fixed held-out
+set is drawn once from its own stream; training never produces one of its prompts.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from txtrain.config import ConfigError, SyntheticTaskConfig
+from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward, collate
+
+SEP, EOS = 1, 2  # 0 is padding
+FIRST_SYMBOL = 3
+HELD_OUT_SEED = "held-out"  # the held-out set is the same for every run seed
+
+
+class SyntheticTask:
+    def __init__(self, cfg: SyntheticTaskConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        self.kind = cfg.name.value
+        if self.kind == "fibonacci":
+            self.width = len(str(cfg.modulus - 1))  # every term is written with this many digits
+            self.comma = FIRST_SYMBOL + 10
+            self.semicolon = FIRST_SYMBOL + 11
+            self.vocab_size = FIRST_SYMBOL + 12
+        else:
+            self.vocab_size = FIRST_SYMBOL + cfg.n_symbols
+        longest = max(cfg.max_len, cfg.eval_lengths[1])
+        self.max_seq_len = len(self.sequence(self.draw_prompt(random.Random(0), longest))) - 1
+        self.held_out = self.make_held_out()
+        self.held_out_prompts = {tuple(p) for p in self.held_out}
+
+    def describe(self) -> str:
+        lo, hi = self.cfg.min_len, self.cfg.max_len
+        return (f"task {self.kind}: lengths {lo}..{hi}, vocabulary {self.vocab_size}, "
+                f"{len(self.held_out)} held-out sequences")
+
+    # --- one example ------------------------------------------------------------------------
+    def draw_prompt(self, rng: random.Random, length: int) -> list[int]:
+        """Prompt tokens up to and including SEP."""
+        if self.kind == "fibonacci":
+            a, b = rng.randrange(self.cfg.modulus), rng.randrange(self.cfg.modulus)
+            count = [FIRST_SYMBOL + int(d) for d in str(length)]
+            return self.number(a) + [self.comma] + self.number(b) + [self.semicolon] + count + [SEP]
+        return [FIRST_SYMBOL + rng.randrange(self.cfg.n_symbols) for _ in range(length)] + [SEP]
+
+    def answer(self, prompt: list[int]) -> list[int]:
+        """The tokens the model must produce after the prompt, EOS included."""
+        if self.kind == "copy":
+            return prompt[:-1] + [EOS]
+        if self.kind == "reverse":
+            return prompt[-2::-1] + [EOS]
+        w = self.width
+        a, b = self.read_number(prompt[:w]), self.read_number(prompt[w + 1: 2 * w + 1])
+        count = int("".join(str(t - FIRST_SYMBOL) for t in prompt[2 * w + 2: -1]))
+        out: list[int] = []
+        for _ in range(count):
+            a, b = b, (a + b) % self.cfg.modulus
+            out += self.number(b) + [self.comma]
+        return out[:-1] + [EOS]
+
+    def number(self, value: int) -> list[int]:
+        digits = str(value).zfill(self.width)
+        if self.cfg.lsb_first:
+            digits = digits[::-1]
+        return [FIRST_SYMBOL + int(d) for d in digits]
+
+    def read_number(self, tokens: list[int]) -> int:
+        digits = "".join(str(t - FIRST_SYMBOL) for t in tokens)
+        return int(digits[::-1] if self.cfg.lsb_first else digits)
+
+    def sequence(self, prompt: list[int]) -> list[int]:
+        return prompt + self.answer(prompt)
+
+    def example(self, prompt: list[int]) -> tuple[list[int], list[int]]:
+        """(inputs, targets): targets are inputs shifted by one, prompt positions ignored."""
+        answer = self.answer(prompt)
+        inputs = (prompt + answer)[:-1]
+        targets = [IGNORE_INDEX] * (len(prompt) - 1) + answer
+        return inputs, targets
+
+    # --- data sets --------------------------------------------------------------------------
+    def prompt_space(self, length: int) -> int:
+        return self.cfg.modulus ** 2 if self.kind == "fibonacci" else self.cfg.n_symbols ** length
+
+    def make_held_out(self) -> list[list[int]]:
+        """n_eval distinct prompts, lengths uniform over the eval range. At most half of the
+        prompts of any one length are held out, so training always has the other half."""
+        lo, hi = self.cfg.eval_lengths
+        quota = {n: self.prompt_space(n) // 2 for n in range(lo, hi + 1)}
+        if sum(quota.values()) < self.cfg.n_eval:
+            raise ConfigError(f"task.n_eval={self.cfg.n_eval} is more than half of all distinct "
+                              f"prompts of lengths {lo}..{hi}; lower task.n_eval or widen the lengths")
+        rng = random.Random(HELD_OUT_SEED)
+        chosen: dict[tuple[int, ...], None] = {}
+        while len(chosen) < self.cfg.n_eval:
+            length = rng.randint(lo, hi)
+            if quota[length] == 0:
+                continue
+            prompt = tuple(self.draw_prompt(rng, length))
+            if prompt not in chosen:
+                chosen[prompt] = None
+                quota[length] -= 1
+        return [list(p) for p in chosen]
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        rng = random.Random(f"{self.seed}:{step}")
+        examples = []
+        for _ in range(batch_size):
+            length = rng.randint(self.cfg.min_len, self.cfg.max_len)
+            prompt = self.draw_prompt(rng, length)
+            while tuple(prompt) in self.held_out_prompts:
+                prompt = self.draw_prompt(rng, length)
+            examples.append(self.example(prompt))
+        return collate(examples)
+
+    def held_out_batches(self, batch_size: int) -> list[Batch]:
+        """The held-out set in batches of similar length (little padding)."""
+        examples = sorted((self.example(p) for p in self.held_out), key=lambda e: len(e[0]))
+        return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+    # --- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]:
+        """Exact match of greedy decoding, computed in one teacher-forced pass per batch.
+
+        Greedy decoding reproduces the answer exactly if and only if, at every answer
+        position, the argmax given the correct prefix is the correct token: up to the first
+        mistake the greedy prefix *is* the correct prefix. So checking every argmax under
+        teacher forcing gives the same verdict as decoding token by token, in one pass.
+        (``txtrain.generate.greedy_exact_match`` decodes for real; a test checks they agree.)
+        """
+        correct = total = 0
+        loss_sum = tokens = 0.0
+        for batch in self.held_out_batches(batch_size):
+            logits = forward(batch.inputs)
+            targets = batch.targets.to(logits.device)
+            scored = targets != IGNORE_INDEX
+            hits = (logits.argmax(-1) == targets) | ~scored
+            correct += int(hits.all(dim=1).sum())
+            total += len(batch)
+            loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum"))
+            tokens += int(scored.sum())
+        return {"exact_match": correct / total, "eval_loss": loss_sum / tokens}
