@@ -35,11 +35,15 @@ def to_config(raw: DictConfig) -> Config:
 
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def run(raw: DictConfig) -> dict:
-    cfg = to_config(raw)
-    from txtrain.train import Trainer  # torch loads only once the config is known to be good
+    try:
+        cfg = to_config(raw)
+        from txtrain.train import Trainer  # torch loads only once the config is known to be good
 
-    trainer = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir))
-    summary = trainer.fit()
+        trainer = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = trainer.fit()
+    except ConfigError as error:
+        # Leave here rather than through Hydra, which would add a line of its own.
+        exit_with_user_error(error)
     if trainer.strategy.is_main:
         print(summary_line(summary, trainer.run_dir), flush=True)
     trainer.strategy.close()
@@ -83,9 +87,13 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         run()
-    except (ConfigError, HydraException) as error:
-        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_STATUS)
+    except (ConfigError, HydraException) as error:  # raised while Hydra composes the config
+        exit_with_user_error(error)
+
+
+def exit_with_user_error(error: BaseException) -> None:
+    print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_STATUS)
 
 
 if __name__ == "__main__":

@@ -30,51 +30,58 @@ def require_positive(owner: str, **values: float) -> None:
         require(value > 0, f"{owner}.{name} must be positive, got {value}")
 
 
-# Choices. Enum names equal their values so YAML and the command line use plain words.
-class Pos(str, Enum):
+class Choice(str, Enum):
+    """One of a fixed set of words. Names equal values, so YAML and the command line use plain
+    words, and a member compares and prints as its word (``cfg.pos == "rope"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Pos(Choice):
     learned = "learned"
     sinusoidal = "sinusoidal"
     rope = "rope"
     none = "none"
 
 
-class Norm(str, Enum):
+class Norm(Choice):
     pre = "pre"
     post = "post"
 
 
-class Activation(str, Enum):
+class Activation(Choice):
     gelu = "gelu"
     relu = "relu"
 
 
-class AttentionImpl(str, Enum):
+class AttentionImpl(Choice):
     manual = "manual"
     sdpa = "sdpa"
 
 
-class SyntheticKind(str, Enum):
+class SyntheticKind(Choice):
     copy = "copy"
     reverse = "reverse"
     fibonacci = "fibonacci"
 
 
-class Strategy(str, Enum):
+class Strategy(Choice):
     none = "none"
 
 
-class Dtype(str, Enum):
+class Dtype(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(Choice):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
 
 
-class ScheduleName(str, Enum):
+class ScheduleName(Choice):
     constant = "constant"
     cosine = "cosine"
     noam = "noam"

@@ -20,7 +20,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    name = cfg.name.value
+    name = str(cfg.name)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -33,7 +33,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     """Multiplier on optim.lr for the update made at ``step`` (0-based)."""
     warmup = cfg.warmup_steps
-    name = cfg.name.value
+    name = str(cfg.name)
     if name == "noam":  # min(s^-0.5, s * w^-1.5), scaled to peak at 1.0 when s = w
         s = step + 1
         return min(s ** -0.5, s * warmup ** -1.5) * warmup ** 0.5

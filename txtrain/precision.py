@@ -14,7 +14,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 class Precision:
     def __init__(self, cfg: PrecisionConfig, device: torch.device):
-        self.name = cfg.name.value
+        self.name = str(cfg.name)
         self.dtype = DTYPES[self.name]
         self.device = device
 

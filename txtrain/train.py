@@ -152,8 +152,8 @@ class Trainer:
         train = self.cfg.train
         log.info(f"model: {self.n_params:,} parameters ({self.n_params / 1e6:.2f}M), "
                  f"{self.cfg.model.n_layer} layers, {self.cfg.model.n_head} heads, "
-                 f"width {self.cfg.model.n_embd}, pos {self.cfg.model.pos.value}, "
-                 f"attention {self.cfg.model.impl.value}")
+                 f"width {self.cfg.model.n_embd}, pos {self.cfg.model.pos}, "
+                 f"attention {self.cfg.model.impl}")
         log.info(self.task.describe())
         accumulation = train.batch_size // (self.micro_batch_size * self.strategy.data_parallel_size)
         log.info(f"parallel {self.strategy.describe()}, precision {self.precision.name}, "
@@ -180,7 +180,7 @@ def plain(cfg) -> dict:
 
 
 def check_model_fits_task(model: ModelConfig, task: Task) -> None:
-    if model.pos.value == "learned" and task.max_seq_len > model.max_seq_len:
+    if model.pos == "learned" and task.max_seq_len > model.max_seq_len:
         raise ConfigError(f"the task's sequences reach {task.max_seq_len} tokens but the learned "
                           f"position table has model.max_seq_len={model.max_seq_len}; raise "
                           "model.max_seq_len, shorten the task, or use model.pos=sinusoidal/rope")

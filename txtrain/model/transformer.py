@@ -21,7 +21,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.up = nn.Linear(cfg.n_embd, cfg.ffn_width, bias=cfg.bias)
-        self.act = ACTIVATIONS[cfg.activation.value]()
+        self.act = ACTIVATIONS[str(cfg.activation)]()
         self.down = nn.Linear(cfg.ffn_width, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -32,10 +32,10 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
         super().__init__()
-        self.pre_norm = cfg.norm.value == "pre"
+        self.pre_norm = cfg.norm == "pre"
         self.attn_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias,
-                                       cfg.impl.value, rotary)
+                                       cfg.impl, rotary)
         self.ffn_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.ffn = FeedForward(cfg)
 
@@ -62,11 +62,11 @@ class Transformer(nn.Module):
         table_size = max(vocab_size, padded_vocab_size or vocab_size)
         self.token_embedding = nn.Embedding(table_size, cfg.n_embd)
         self.positions = make_additive_positions(cfg)
-        rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos.value == "rope" else None
+        rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layer))
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
-        self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm.value == "pre" else nn.Identity()
+        self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.n_embd, table_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.token_embedding.weight
@@ -97,9 +97,9 @@ class Transformer(nn.Module):
 
 
 def make_additive_positions(cfg: ModelConfig) -> nn.Module | None:
-    if cfg.pos.value == "learned":
+    if cfg.pos == "learned":
         return LearnedPositions(cfg.max_seq_len, cfg.n_embd)
-    if cfg.pos.value == "sinusoidal":
+    if cfg.pos == "sinusoidal":
         return SinusoidalPositions(cfg.n_embd)
     return None  # rope lives inside attention; none has no position information at all
 

@@ -7,7 +7,7 @@ from txtrain.parallel.base import SingleProcess
 
 
 def build_strategy(cfg: Config) -> SingleProcess:
-    name = cfg.parallel.name.value
+    name = str(cfg.parallel.name)
     if name == "none":
         return SingleProcess(cfg.device)
     raise ValueError(f"unknown strategy {name}")

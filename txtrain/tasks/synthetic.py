@@ -24,7 +24,7 @@ class SyntheticTask:
     def __init__(self, cfg: SyntheticTaskConfig, seed: int):
         self.cfg = cfg
         self.seed = seed
-        self.kind = cfg.name.value
+        self.kind = str(cfg.name)
         if self.kind == "fibonacci":
             self.width = len(str(cfg.modulus - 1))  # every term is written with this many digits
             self.comma = FIRST_SYMBOL + 10
@@ -45,10 +45,10 @@ class SyntheticTask:
     # --- one example ------------------------------------------------------------------------
     def draw_prompt(self, rng: random.Random, length: int) -> list[int]:
         """Prompt tokens up to and including SEP."""
-        if self.kind == "fibonacci":
+        if self.kind == "fibonacci":  # "count ; a , b SEP": terms then sit at a fixed stride
             a, b = rng.randrange(self.cfg.modulus), rng.randrange(self.cfg.modulus)
             count = [FIRST_SYMBOL + int(d) for d in str(length)]
-            return self.number(a) + [self.comma] + self.number(b) + [self.semicolon] + count + [SEP]
+            return count + [self.semicolon] + self.number(a) + [self.comma] + self.number(b) + [SEP]
         return [FIRST_SYMBOL + rng.randrange(self.cfg.n_symbols) for _ in range(length)] + [SEP]
 
     def answer(self, prompt: list[int]) -> list[int]:
@@ -57,9 +57,10 @@ class SyntheticTask:
             return prompt[:-1] + [EOS]
         if self.kind == "reverse":
             return prompt[-2::-1] + [EOS]
-        w = self.width
-        a, b = self.read_number(prompt[:w]), self.read_number(prompt[w + 1: 2 * w + 1])
-        count = int("".join(str(t - FIRST_SYMBOL) for t in prompt[2 * w + 2: -1]))
+        w, start = self.width, prompt.index(self.semicolon) + 1
+        count = int("".join(str(t - FIRST_SYMBOL) for t in prompt[: start - 1]))
+        a = self.read_number(prompt[start: start + w])
+        b = self.read_number(prompt[start + w + 1: start + 2 * w + 1])
         out: list[int] = []
         for _ in range(count):
             a, b = b, (a + b) % self.cfg.modulus
