@@ -124,7 +124,7 @@ def oracle(t, wrong_every=0):
     def forward(inputs):
         logits = torch.zeros(*inputs.shape, t.vocab_size)
         for r, row in enumerate(inputs.tolist()):
-            key = tuple(row[: len(row) - row[::-1].index(next(x for x in row[::-1] if x != PAD))])
+            key = tuple(token for token in row if token != PAD)  # padding only ever trails
             for i, target in enumerate(rows[key]):
                 if target != IGNORE_INDEX:
                     bad = wrong_every and sum(key) % wrong_every == 0 and target != EOS

@@ -78,6 +78,10 @@ class Transformer(nn.Module):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(idx)
+        if self.cfg.pos == "sinusoidal":
+            # As in the 2017 paper: scale the embeddings so the fixed encodings, of size ~1,
+            # do not drown the tokens (which start at std 0.02).
+            x = x * math.sqrt(self.cfg.n_embd)
         if self.positions is not None:
             x = x + self.positions(idx.shape[1], idx.device)
         return self.dropout(x)
