@@ -26,6 +26,8 @@ SHORT = ["train.steps=4", "train.log_every=2", "train.eval_every=2", "train.save
     (["optim.lr=-1"], "lr must be positive"),
     (["task.max_len=2", "task.n_eval=1000"], "n_eval"),
     (["model.dropout=2"], "dropout"),
+    (["+model.widht=3"], "unknown key 'model.widht'"),                # added keys are checked too
+    (["train.steps=[1"], "no viable alternative"),                     # bad override syntax
     (["train.steps=1", "device=cuda:7"] , "device"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, overrides, fragment):

@@ -7,6 +7,7 @@ its traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -26,11 +27,28 @@ log = logging.getLogger("txtrain")
 
 def to_config(raw: DictConfig) -> Config:
     """The composed config as typed objects; runs every schema's ``__post_init__`` checks."""
+    reject_unknown_keys(raw)
     try:
         return OmegaConf.to_object(raw)
     except OmegaConfBaseException as error:  # e.g. a mandatory value left missing
         cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
         raise ConfigError(str(cause)) from error
+
+
+def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
+    """Hydra lets ``+key=value`` add a key even to a typed config; a key no schema declares
+    would be ignored silently, so refuse it."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in node.keys():
+            if key not in known:
+                raise ConfigError(f"unknown key '{path}{key}' ({schema.__name__} has: "
+                                  f"{', '.join(sorted(known))})")
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            reject_unknown_keys(child, f"{path}{key}.")
 
 
 @hydra.main(config_path="configs", config_name="train", version_base=None)
@@ -60,22 +78,30 @@ def summary_line(summary: dict, run_dir: Path) -> str:
     return ", ".join(parts)
 
 
+NOISE = ("full_key:", "object_type=", "reference_type=", "msg:", "To append to your config",
+         "Set the environment variable HYDRA_FULL_ERROR", "Config search path", "provider=",
+         "invalid literal for")
+
+
 def describe_error(error: BaseException) -> str:
-    """One line from an exception chain: Hydra and OmegaConf spread theirs over several lines
-    and causes; keep the informative lines, drop their bookkeeping."""
+    """One line from an exception chain. Hydra and OmegaConf spread theirs over several lines
+    and chained causes; keep the informative lines, drop their bookkeeping, and fold a list of
+    options ("Available options in 'model':" then one per line) into one clause."""
     lines: list[str] = []
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         for line in str(error).splitlines():
             line = line.strip().rstrip(".")
-            skip = (not line or line in lines or line.startswith(("full_key:", "object_type=",
-                    "reference_type=", "To append to your config", "msg:"))
-                    or line.startswith("Set the environment variable HYDRA_FULL_ERROR"))
-            if not skip:
+            if (not line or line == "None" or line in lines or line.startswith(NOISE) or "$VALUE" in line
+                    or (line.startswith("'") and line.endswith("'"))):
+                continue
+            if lines and lines[-1].endswith((":", ",")) and " " not in line:
+                lines[-1] += (" " if lines[-1].endswith(":") else " ") + line + ","
+            else:
                 lines.append(line)
         error = error.__cause__ or error.__context__
-    message = "; ".join(lines) or "invalid configuration"
+    message = "; ".join(line.rstrip(",") for line in lines) or "invalid configuration"
     if "not in" in message and "Key" in message:
         message += " (check the spelling; `txtrain --cfg job` prints every key)"
     return message

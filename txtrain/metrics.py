@@ -31,11 +31,8 @@ class RunLog:
     def info(self, message: str) -> None:
         if not self.enabled:
             return
-        if self.bar.disable:
+        with tqdm.external_write_mode():  # print above the bar, not through it
             log.info(message)
-        else:
-            with _above_bar(self.bar):
-                log.info(message)
 
     def step(self, record: dict | None = None) -> None:
         """Advance the bar by one step; write ``record`` to metrics.jsonl if given."""
@@ -63,16 +60,3 @@ class RunLog:
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-class _above_bar:
-    """Print log lines above the bar instead of through it."""
-
-    def __init__(self, bar: tqdm):
-        self.bar = bar
-
-    def __enter__(self):
-        self.bar.clear()
-
-    def __exit__(self, *exc):
-        self.bar.refresh()

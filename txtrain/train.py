@@ -46,6 +46,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints")
         self.step = 0
         self.tokens = 0  # target tokens consumed so far, all ranks
+        self.last_loss = float("nan")  # the latest logged training loss
         self.last_eval: dict = {}
         self.resumed_from = self.resume()
 
@@ -56,7 +57,6 @@ class Trainer:
         self.announce(log)
         started = clock = time.perf_counter()
         tokens_at_clock = self.tokens
-        loss = torch.zeros(())
         while self.step < train.steps:
             data_step = 0 if self.cfg.debug.overfit_batch else self.step
             batch = self.task.train_batch(data_step, train.batch_size)
@@ -68,22 +68,24 @@ class Trainer:
             record = None
             if self.step % train.log_every == 0 or self.step == train.steps:
                 now = time.perf_counter()
-                record = {"step": self.step, "loss": loss.item(), "lr": lr,
+                self.last_loss = loss.item()  # the only place the loop waits for the device
+                record = {"step": self.step, "loss": self.last_loss, "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens": self.tokens,
                           "tokens_per_s": (self.tokens - tokens_at_clock) / (now - clock)}
                 clock, tokens_at_clock = now, self.tokens
             log.step(record)
+
+            paused = time.perf_counter()
             if is_due(self.step, train.eval_every, train.steps):
                 self.evaluate(log)
             if is_due(self.step, train.save_every, train.steps):
                 self.save()
-            if record is not None or is_due(self.step, train.eval_every, train.steps):
-                clock = time.perf_counter()  # keep eval and save time out of tokens/s
+            clock += time.perf_counter() - paused  # evaluation and saving are not training speed
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
         log.close()
-        return {"step": self.step, "loss": loss.item() if self.step else float("nan"),
-                "tokens": self.tokens, "seconds": time.perf_counter() - started, **self.last_eval}
+        return {"step": self.step, "loss": self.last_loss, "tokens": self.tokens,
+                "seconds": time.perf_counter() - started, **self.last_eval}
 
     def train_step(self, batch: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer update over the global batch; returns (loss, grad norm) as tensors,
@@ -127,6 +129,7 @@ class Trainer:
             "model": self.strategy.model_state_dict(self.model),
             "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
             "rng": capture_rng(),
+            "last_loss": self.last_loss,
             "last_eval": self.last_eval,
             "model_config": plain(self.cfg.model),
             "vocab_size": self.task.vocab_size,
@@ -144,7 +147,7 @@ class Trainer:
         self.strategy.load_model_state_dict(self.model, state["model"])
         self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.last_eval = state["last_eval"]
+        self.last_loss, self.last_eval = state["last_loss"], state["last_eval"]
         restore_rng(state["rng"])
         return path
 
