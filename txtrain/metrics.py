@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,7 +25,6 @@ class RunLog:
         show_bar = enabled and progress and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar,
                         dynamic_ncols=True, unit="step", leave=False)
-        self.started = time.perf_counter()
 
     def info(self, message: str) -> None:
         if not self.enabled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Protocol
 
 import torch
@@ -30,9 +31,9 @@ class Batch:
         return Batch(self.inputs.to(device, non_blocking=non_blocking),
                      self.targets.to(device, non_blocking=non_blocking))
 
-    @property
+    @cached_property
     def n_targets(self) -> int:
-        """Target tokens that count towards the loss."""
+        """Target tokens that count towards the loss (counted once per batch)."""
         return int((self.targets != IGNORE_INDEX).sum())
 
 

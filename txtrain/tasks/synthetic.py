@@ -7,6 +7,7 @@ set is drawn once from its own stream; training never produces one of its prompt
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -122,8 +123,9 @@ class SyntheticTask:
             examples.append(self.example(prompt))
         return collate(examples)
 
+    @functools.cache
     def held_out_batches(self, batch_size: int) -> list[Batch]:
-        """The held-out set in batches of similar length (little padding)."""
+        """The held-out set in batches of similar length (little padding); built once."""
         examples = sorted((self.example(p) for p in self.held_out), key=lambda e: len(e[0]))
         return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
 
