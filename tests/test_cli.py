@@ -50,7 +50,7 @@ def test_a_run_writes_its_run_dir_and_resumes_from_it(tmp_path):
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4] and "exact_match" in evals[0]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000004"
-    assert (run_dir / "checkpoints" / "step_000002" / "state.pt").is_file()
+    assert (run_dir / "checkpoints" / "step_000002" / "meta.pt").is_file()
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith("done: step 4") and "exact_match" in summary
     assert "parameters" in result.stdout

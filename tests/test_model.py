@@ -68,7 +68,7 @@ def test_causal_mask_is_lower_triangular():
 
 def test_rope_depends_only_on_relative_position():
     model = build(pos="rope")
-    rotary = model.blocks[0].attn.rotary
+    rotary = model.blocks["0"].attn.rotary
     torch.manual_seed(0)
     q, k = torch.randn(2, 1, 1, 1, 8).unbind(0)
     cos, sin = rotary.angles(20, torch.device("cpu"))

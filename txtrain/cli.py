@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from txtrain import distributed
 from txtrain.config import Config, ConfigError, register_configs
 
 USER_ERROR_STATUS = 2
@@ -55,9 +56,14 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
 def run(raw: DictConfig) -> dict:
     try:
         cfg = to_config(raw)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if cfg.launch.nproc_per_node > 1 and not distributed.under_torchrun():
+            distributed.launch_workers(cfg.launch.nproc_per_node, list(HydraConfig.get().overrides.task),
+                                       str(run_dir.resolve()))
+            return {}
         from txtrain.train import Trainer  # torch loads only once the config is known to be good
 
-        trainer = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir))
+        trainer = Trainer(cfg, run_dir)
         summary = trainer.fit()
     except ConfigError as error:
         # Leave here rather than through Hydra, which would add a line of its own.
@@ -109,8 +115,13 @@ def describe_error(error: BaseException) -> str:
 
 def main() -> None:
     register_configs()
+    OmegaConf.register_new_resolver(
+        "started", lambda pattern: distributed.start_time().strftime(pattern), replace=True)
     # Let exceptions reach us instead of Hydra's own report, which exits 1 with several lines.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if distributed.under_torchrun():
+        distributed.init_process_group()
+        sys.argv += distributed.hydra_overrides_for_rank()
     try:
         run()
     except (ConfigError, HydraException) as error:  # raised while Hydra composes the config
@@ -118,7 +129,8 @@ def main() -> None:
 
 
 def exit_with_user_error(error: BaseException) -> None:
-    print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+    if distributed.env_rank() == 0:  # every rank has the same config, and the same mistake
+        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_STATUS)
 
 

@@ -68,6 +68,16 @@ class SyntheticKind(Choice):
 
 class Strategy(Choice):
     none = "none"
+    dp = "dp"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    pipeline = "pipeline"
+
+
+class PipelineSchedule(Choice):
+    gpipe = "gpipe"
+    one_f_one_b = "1f1b"
+    interleaved = "interleaved"  # interleaved 1F1B: several stages per rank
 
 
 class Dtype(Choice):
@@ -162,6 +172,34 @@ class SyntheticTaskConfig(TaskConfig):
 @dataclass
 class ParallelConfig:
     name: Strategy = Strategy.none
+    # fsdp
+    reshard_after_forward: bool = True  # false: keep parameters gathered from forward to backward
+    replicate: int = 1  # > 1: hybrid sharding, replicate over this many groups, shard within each
+    # pipeline
+    schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
+    n_microbatches: int = 4  # per rank and step; the per-rank batch must divide evenly
+    stages_per_rank: int = 1  # interleaved only: model chunks per rank (2 or more)
+
+    def __post_init__(self):
+        require_positive("parallel", replicate=self.replicate, n_microbatches=self.n_microbatches,
+                         stages_per_rank=self.stages_per_rank)
+        if self.schedule == PipelineSchedule.interleaved:
+            require(self.stages_per_rank >= 2, "parallel.schedule=interleaved needs "
+                    f"parallel.stages_per_rank >= 2, got {self.stages_per_rank}")
+        else:
+            require(self.stages_per_rank == 1, f"parallel.stages_per_rank={self.stages_per_rank} "
+                    "needs parallel.schedule=interleaved")
+
+
+@dataclass
+class LaunchConfig:
+    """``launch.nproc_per_node=N`` makes txtrain start itself under torch's elastic launcher
+    (what ``torchrun --standalone --nproc-per-node=N`` does), one process per device."""
+
+    nproc_per_node: int = 1
+
+    def __post_init__(self):
+        require_positive("launch", nproc_per_node=self.nproc_per_node)
 
 
 @dataclass
@@ -232,6 +270,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

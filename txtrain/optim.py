@@ -30,6 +30,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
 
 
+def optimizer_slots(cfg: OptimConfig) -> int:
+    """Tensors of optimizer state per parameter tensor: Adam's two moments, SGD's momentum."""
+    if str(cfg.name) == "sgd":
+        return 1 if cfg.momentum else 0
+    return 2
+
+
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     """Multiplier on optim.lr for the update made at ``step`` (0-based)."""
     warmup = cfg.warmup_steps

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from txtrain.checkpoint import Checkpoints, capture_rng, find_checkpoint, load_state, restore_rng
+from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_meta, load_state,
+                                restore_rng)
 from txtrain.config import Config, ConfigError, ModelConfig
 from txtrain.metrics import RunLog
 from txtrain.model import Transformer
-from txtrain.optim import build_optimizer, lr_factor, set_lr
+from txtrain.optim import build_optimizer, lr_factor, optimizer_slots, set_lr
 from txtrain.parallel import build_strategy
 from txtrain.precision import Precision
 from txtrain.tasks import IGNORE_INDEX, Batch, Task, build_task
@@ -31,19 +32,20 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.strategy = build_strategy(cfg)
-        self.device = self.strategy.device
-        seed_everything(cfg.seed)
         self.task: Task = build_task(cfg.task, cfg.seed)
         check_model_fits_task(cfg.model, self.task)
+        self.strategy = build_strategy(cfg, self.task.max_seq_len)
+        self.device = self.strategy.device
+        self.micro_batch_size = self.strategy.micro_batch_size(cfg.train.batch_size,
+                                                               cfg.train.micro_batch_size)
+        seed_everything(cfg.seed)  # every rank builds the same initial weights
         model = Transformer(cfg.model, self.task.vocab_size)
         self.n_params = model.num_parameters()
         self.model = self.strategy.prepare(model)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(cfg.precision, self.device)
-        self.micro_batch_size = self.strategy.micro_batch_size(cfg.train.batch_size,
-                                                               cfg.train.micro_batch_size)
-        self.checkpoints = Checkpoints(self.run_dir / "checkpoints")
+        self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.strategy.is_main,
+                                       self.strategy.barrier)
         self.step = 0
         self.tokens = 0  # target tokens consumed so far, all ranks
         self.last_loss = float("nan")  # the latest logged training loss
@@ -94,17 +96,13 @@ class Trainer:
         n_targets = batch.n_targets  # every rank knows the global count: losses are sums / it
         smoothing = self.cfg.train.label_smoothing
 
-        def micro_step(micro: Batch) -> torch.Tensor:
-            with self.precision.autocast():
-                logits = self.model(micro.inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), micro.targets.flatten(),
+        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum",
                                    label_smoothing=smoothing) / n_targets
-            self.precision.backward(loss)
-            return loss.detach()
 
         micro_batches = self.strategy.local_batch(batch).split(self.micro_batch_size)
-        loss = self.strategy.forward_backward(self.model, micro_batches, micro_step)
+        loss = self.strategy.forward_backward(self.model, micro_batches, loss_fn, self.precision)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -114,8 +112,8 @@ class Trainer:
     def evaluate(self, log: RunLog) -> dict:
         self.model.eval()
         with self.precision.autocast():
-            results = self.task.evaluate(lambda inputs: self.model(inputs.to(self.device)),
-                                         self.cfg.train.eval_batch_size)
+            results = self.strategy.evaluate(
+                self.model, lambda forward: self.task.evaluate(forward, self.cfg.train.eval_batch_size))
         self.model.train()
         self.last_eval = {"step": self.step, **results}
         log.eval(self.last_eval)
@@ -123,32 +121,31 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
-        state = {
+        meta = {
             "step": self.step,
             "tokens": self.tokens,
-            "model": self.strategy.model_state_dict(self.model),
-            "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
-            "rng": capture_rng(),
+            "rng": self.strategy.gather(capture_rng()),  # one per rank
             "last_loss": self.last_loss,
             "last_eval": self.last_eval,
             "model_config": plain(self.cfg.model),
             "vocab_size": self.task.vocab_size,
         }
-        if self.strategy.is_main:
-            self.checkpoints.save(self.step, state)
-        self.strategy.barrier()
+        self.checkpoints.save(self.step, self.strategy.state_dict(self.model, self.optimizer), meta)
 
     def resume(self) -> Path | None:
         path = find_checkpoint(self.cfg.resume, self.run_dir)
         if path is None:
             return None
-        state = load_state(path)
-        check_compatible(state, plain(self.cfg.model), self.task.vocab_size, path)
-        self.strategy.load_model_state_dict(self.model, state["model"])
-        self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.last_loss, self.last_eval = state["last_loss"], state["last_eval"]
-        restore_rng(state["rng"])
+        meta = load_meta(path)
+        check_compatible(meta, plain(self.cfg.model), self.task.vocab_size, path)
+        state = self.strategy.state_dict(self.model, self.optimizer)
+        load_state(path, state)
+        self.strategy.load_state_dict(self.model, self.optimizer, state)
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        self.last_loss, self.last_eval = meta["last_loss"], meta["last_eval"]
+        # Each rank continues its own random stream; under a new world size, rank 0's.
+        rng = meta["rng"]
+        restore_rng(rng[self.strategy.rank] if len(rng) == self.strategy.world_size else rng[0])
         return path
 
     def announce(self, log: RunLog) -> None:
@@ -162,9 +159,21 @@ class Trainer:
         log.info(f"parallel {self.strategy.describe()}, precision {self.precision.name}, "
                  f"batch {train.batch_size} = {self.micro_batch_size} x {accumulation} accumulation"
                  f" x {self.strategy.data_parallel_size} ranks, {train.steps} steps")
+        self.log_memory(log)
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} at step {self.step}")
         log.info(f"run dir: {self.run_dir}")
+
+
+    def log_memory(self, log: RunLog) -> None:
+        per_rank = self.strategy.memory(self.model, optimizer_slots(self.cfg.optim))
+        for held in per_rank:
+            log.info(f"memory rank {held['rank']}: parameters {mib(held['params'])}, gradients "
+                     f"{mib(held['grads'])}, optimizer state {mib(held['optimizer'])}")
+
+
+def mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.2f} MiB"
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:

@@ -64,7 +64,9 @@ class Transformer(nn.Module):
         self.positions = make_additive_positions(cfg)
         rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layer))
+        # A dict rather than a list so that a pipeline stage can drop blocks and keep the names
+        # of the rest (blocks.5 stays blocks.5), which checkpoints are keyed by.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, rotary) for i in range(cfg.n_layer)})
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
         self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.n_embd, table_size, bias=False)
@@ -90,10 +92,12 @@ class Transformer(nn.Module):
         return self.head(self.final_norm(x))[..., : self.vocab_size]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed(idx)
-        for block in self.blocks:
+        # A pipeline stage lacks the embedding (all but the first stage) or the head (all but
+        # the last): it takes and gives hidden states instead of tokens and logits.
+        x = self.embed(idx) if self.token_embedding is not None else idx
+        for block in self.blocks.values():
             x = block(x)
-        return self.logits(x)
+        return self.logits(x) if self.head is not None else x
 
     def num_parameters(self) -> int:
         """Distinct trainable parameters (a tied embedding counts once)."""

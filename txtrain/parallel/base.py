@@ -4,6 +4,10 @@ The training loop calls these methods and never asks which strategy it has. A st
 places (and wraps or shards) the model, picks this rank's rows of the global batch, runs
 forward+backward over the micro-batches, reduces metrics, clips the global gradient norm, and
 produces and restores the state dicts a checkpoint needs.
+
+Losses are sums over target tokens divided by the *global* number of targets in the step, so
+the gradients of all micro-batches on all ranks add up (never average) to the gradient of the
+whole batch. Strategies that reduce gradients across ranks therefore sum them.
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ from contextlib import nullcontext
 from typing import Callable, ContextManager
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
 
-from txtrain.config import ConfigError
+from txtrain.config import ConfigError, ParallelConfig
+from txtrain.precision import Precision
 from txtrain.tasks.base import Batch
 
-MicroStep = Callable[[Batch], torch.Tensor]  # forward + backward of one micro-batch -> its loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> loss
+Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
+# Keys by parameter name, so the optimizer state of any layout loads into any other.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,12 +45,17 @@ class SingleProcess:
 
     name = "none"
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, cfg: ParallelConfig, device: str = "auto"):
+        self.cfg = cfg
         self.device = pick_device(device)
-        self.rank = 0
-        self.world_size = 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.data_parallel_rank = 0
         self.data_parallel_size = 1
+        if self.world_size > 1 and type(self) is SingleProcess:
+            raise ConfigError(f"parallel=none with {self.world_size} processes would train "
+                              f"{self.world_size} separate copies; choose parallel=ddp, fsdp or "
+                              "pipeline, or start one process")
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +69,7 @@ class SingleProcess:
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The plain Transformer inside whatever wrapper this strategy added."""
+        """The module whose parameter names are the Transformer's, inside any wrapper."""
         return model
 
     # --- data -------------------------------------------------------------------------------
@@ -80,38 +96,84 @@ class SingleProcess:
         """Where gradients would be synchronised, skip it for all but the last micro-batch."""
         return nullcontext()
 
-    def forward_backward(self, model: nn.Module, micro_batches: list[Batch],
-                         micro_step: MicroStep) -> torch.Tensor:
-        """Sum of the micro-batch losses (each already normalised by the global token count)."""
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
+                         precision: Precision) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches; the sum of their losses."""
         total = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
+            micro = micro.to(self.device)
             with self.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):
-                total += micro_step(micro.to(self.device))
+                with precision.autocast():
+                    logits = model(micro.inputs)
+                loss = loss_fn(logits, micro.targets)
+                precision.backward(loss)
+            total += loss.detach()
         return total
 
     def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over all ranks (of a loss that each rank computed on its own share)."""
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
         return value
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (0: measure only) and return the global norm before clipping."""
-        return nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = self.global_norm(nn.utils.get_total_norm([p.grad for p in params]))
+        if max_norm > 0:
+            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        """The 2-norm of all gradients from the norm of this rank's (identical everywhere
+        unless the strategy splits the parameters)."""
+        return local_norm
+
+    # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
+        """``run(forward)`` evaluates a task through ``forward``; every rank gets the results."""
+        return run(lambda inputs: model(inputs.to(self.device)))
 
     # --- checkpoints ------------------------------------------------------------------------
-    def model_state_dict(self, model: nn.Module) -> dict:
-        return self.unwrap(model).state_dict()
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Model and optimizer state keyed by parameter name, as this rank holds it (whole,
+        or as shards for torch.distributed.checkpoint to save and reshard)."""
+        model_state, optim_state = get_state_dict(self.unwrap(model), optimizer,
+                                                  options=STATE_DICT_OPTIONS)
+        return {"model": model_state, "optimizer": optim_state}
 
-    def load_model_state_dict(self, model: nn.Module, state: dict) -> None:
-        self.unwrap(model).load_state_dict(state)
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=STATE_DICT_OPTIONS)
 
-    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
+    def memory(self, model: nn.Module, optimizer_slots: int) -> list[dict]:
+        """Bytes of parameters, gradients and optimizer state each rank holds, rank by rank.
+        Gradients match the parameters they belong to; optimizer state is ``optimizer_slots``
+        tensors of the same size per parameter (Adam's two moments, SGD's momentum)."""
+        params = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+        trainable = sum(local_tensor(p).numel() * p.element_size()
+                        for p in model.parameters() if p.requires_grad)
+        return self.gather({"rank": self.rank, "params": params, "grads": trainable,
+                            "optimizer": optimizer_slots * trainable})
 
-    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                                  state: dict) -> None:
-        optimizer.load_state_dict(state)
+    def gather(self, obj: object) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, obj)
+        return everyone
 
     def barrier(self) -> None:
-        pass
+        if self.world_size > 1:
+            dist.barrier()
 
     def close(self) -> None:
-        pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded) tensor stored on this rank."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

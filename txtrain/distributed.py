@@ -1,0 +1,94 @@
+"""Processes: torchrun's environment, the process group, and starting txtrain under torch's
+own elastic launcher (``launch.nproc_per_node``).
+
+torchrun (or ``torch.distributed.run``, or a cluster launcher that sets the same variables)
+gives every process RANK, WORLD_SIZE, LOCAL_RANK and a rendezvous address. The process group
+is set up before Hydra runs, so that all processes can agree on one start time, and with it on
+one run directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from datetime import datetime
+
+from txtrain.config import ConfigError
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_process_group() -> None:
+    """Join torchrun's job: NCCL for CUDA tensors (one device per process, from LOCAL_RANK) and
+    gloo for CPU tensors; gloo alone where there is no GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if not under_torchrun() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+@functools.cache
+def start_time() -> datetime:
+    """When this run started: rank 0's clock, shared with every other process."""
+    now = datetime.now()
+    if not under_torchrun():
+        return now
+    import torch
+    import torch.distributed as dist
+
+    shared = [now]
+    dist.broadcast_object_list(shared, src=0, device=torch.device("cpu"))
+    return shared[0]
+
+
+def hydra_overrides_for_rank() -> list[str]:
+    """Only rank 0 writes to the run dir (besides checkpoint shards): the other ranks neither
+    save Hydra's config copy nor open the log file."""
+    if env_rank() == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+
+
+def launch_workers(nproc_per_node: int, overrides: list[str], run_dir: str) -> None:
+    """Run ``python -m txtrain <overrides>`` in ``nproc_per_node`` processes under
+    torch.distributed.run, all writing to ``run_dir``; exit as the first failed worker did."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc_per_node}", "--module", "txtrain",
+         *overrides, f"hydra.run.dir={run_dir}"])
+    try:
+        run(args)
+    except ChildFailedError as failure:
+        _, first = failure.get_first_failure()
+        sys.exit(first.exitcode if first.exitcode > 0 else 1)
+
+
+def require_launched(strategy: str, min_processes: int = 1) -> None:
+    """A multi-process strategy needs torchrun (or launch.nproc_per_node) to start it."""
+    how = (f"add launch.nproc_per_node=2, or start it with torchrun --nproc-per-node=2 -m txtrain "
+           f"parallel={strategy} ...")
+    if not under_torchrun():
+        raise ConfigError(f"parallel={strategy} runs one process per device and this is a single "
+                          f"process; {how}")
+    if env_world_size() < min_processes:
+        raise ConfigError(f"parallel={strategy} needs at least {min_processes} processes, got "
+                          f"{env_world_size()}; {how}")

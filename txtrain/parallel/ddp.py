@@ -1,0 +1,50 @@
+"""``parallel=ddp``: DistributedDataParallel, one process per device, a full model on each."""
+
+from __future__ import annotations
+
+from typing import ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from txtrain.config import ParallelConfig
+from txtrain.distributed import require_launched
+from txtrain.parallel.base import SingleProcess
+
+
+def sum_gradients(process_group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP's communication hook: all-reduce a bucket of gradients as a sum. (DDP's default
+    averages over ranks; our losses are already normalised by the global token count.)"""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+class DDP(SingleProcess):
+    name = "ddp"
+
+    def __init__(self, cfg: ParallelConfig, device: str = "auto"):
+        require_launched(self.name)
+        super().__init__(cfg, device)
+        self.data_parallel_rank = self.rank
+        self.data_parallel_size = self.world_size
+        if self.device.type == "cuda":  # one device per process: the one torchrun assigned
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def describe(self) -> str:
+        return f"{self.name} over {self.world_size} processes on {self.device.type}"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        wrapped.register_comm_hook(None, sum_gradients)
+        return wrapped
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module
+
+    def no_sync(self, model: nn.Module, last_micro_batch: bool) -> ContextManager:
+        # Accumulate locally; the all-reduce runs once, in the last micro-batch's backward.
+        return super().no_sync(model, last_micro_batch) if last_micro_batch else model.no_sync()

@@ -1,0 +1,65 @@
+"""``parallel=fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Every transformer block is its own FSDP unit, and the root holds the rest (embeddings, final
+norm, head): a block's parameters are gathered just before it runs and freed after, and
+gradients are reduce-scattered so each rank keeps only its shard of them and of the optimizer
+state. With ``parallel.replicate > 1`` the ranks form a 2-D mesh (replicate, shard): shards are
+all-gathered within a group and gradients also all-reduced across groups (hybrid sharding).
+"""
+
+from __future__ import annotations
+
+from typing import ContextManager
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from txtrain.config import ConfigError, ParallelConfig
+from txtrain.distributed import require_launched
+from txtrain.parallel.base import SingleProcess
+
+
+class FSDP(SingleProcess):
+    name = "fsdp"
+
+    def __init__(self, cfg: ParallelConfig, device: str = "auto"):
+        require_launched(self.name)
+        super().__init__(cfg, device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.world_size % cfg.replicate:
+            raise ConfigError(f"parallel.replicate={cfg.replicate} does not divide the "
+                              f"{self.world_size} processes")
+        shape, names = (cfg.replicate, self.world_size // cfg.replicate), ("replicate", "shard")
+        if cfg.replicate == 1:
+            shape, names = shape[1:], names[1:]
+        self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        self.data_parallel_rank = self.rank
+        self.data_parallel_size = self.world_size
+
+    def describe(self) -> str:
+        layout = "x".join(str(n) for n in self.mesh.shape)
+        kind = "hybrid (replicate x shard)" if self.cfg.replicate > 1 else "sharded"
+        return f"{self.name} {kind} over {layout} processes on {self.device.type}"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        reshard = self.cfg.reshard_after_forward
+        for block in model.blocks.values():
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+        # Sum, not average, across ranks: each rank's loss is already divided by the global
+        # number of targets.
+        model.set_gradient_divide_factor(1.0)
+        return model
+
+    def no_sync(self, model: nn.Module, last_micro_batch: bool) -> ContextManager:
+        # Keep unsharded gradients across micro-batches; reduce-scatter once, on the last.
+        model.set_requires_gradient_sync(last_micro_batch)
+        return super().no_sync(model, last_micro_batch)
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        # The gradients are sharded DTensors, and so is the norm computed from them.
+        return local_norm.full_tensor()

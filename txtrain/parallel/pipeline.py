@@ -1,0 +1,163 @@
+"""``parallel=pipeline``: pipeline parallelism with ``torch.distributed.pipelining``.
+
+The blocks are split into consecutive stages, one per rank (or ``stages_per_rank`` per rank,
+round-robin, for the interleaved schedule); the first stage also holds the embeddings, the
+last the final norm and the head. Each rank keeps the Transformer with only its own parts, so
+parameter names, and with them checkpoints, are those of the whole model. A step's batch runs
+through the stages as ``n_microbatches`` micro-batches in the order the schedule dictates.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
+                                                    ScheduleInterleaved1F1B)
+
+from txtrain.config import ConfigError, ParallelConfig
+from txtrain.distributed import require_launched
+from txtrain.parallel.base import Forward, LossFn, SingleProcess
+from txtrain.precision import Precision
+from txtrain.tasks.base import IGNORE_INDEX, PAD, Batch
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+
+
+class Pipeline(SingleProcess):
+    name = "pipeline"
+
+    def __init__(self, cfg: ParallelConfig, device: str = "auto", seq_len: int = 0):
+        require_launched(self.name, min_processes=2)
+        super().__init__(cfg, device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.n_stages = self.world_size * cfg.stages_per_rank
+        # Stage i lives on rank i % world_size: rank r holds stages r, r + world, ...
+        self.my_stages = [self.rank + k * self.world_size for k in range(cfg.stages_per_rank)]
+        self.is_first = 0 in self.my_stages
+        self.is_last = self.n_stages - 1 in self.my_stages
+        self.last_rank = (self.n_stages - 1) % self.world_size
+        # Every micro-batch has the same shape: the stages exchange fixed-size activations.
+        self.seq_len = seq_len
+        self.loss_fn: LossFn | None = None
+
+    def describe(self) -> str:
+        return (f"{self.name} of {self.n_stages} stages over {self.world_size} processes on "
+                f"{self.device.type}, schedule {self.cfg.schedule}, "
+                f"{self.cfg.n_microbatches} micro-batches")
+
+    # --- model ------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if model.cfg.tie_embeddings:
+            raise ConfigError("parallel=pipeline cannot tie the input and output embeddings (they "
+                              "live on the first and last stage); set model.tie_embeddings=false")
+        if model.cfg.n_layer < self.n_stages:
+            raise ConfigError(f"parallel=pipeline needs at least one block per stage: "
+                              f"model.n_layer={model.cfg.n_layer} < {self.n_stages} stages")
+        stage_blocks = split_evenly(list(model.blocks.keys()), self.n_stages)
+        chunks = [keep_only(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1)
+                  for s in self.my_stages]
+        mine = {name for s in self.my_stages for name in stage_blocks[s]}
+        model = keep_only(model, [name for name in model.blocks if name in mine],
+                          first=self.is_first, last=self.is_last).to(self.device)
+        self.vocab_size = model.vocab_size
+        stages = [PipelineStage(chunk, s, self.n_stages, self.device)
+                  for chunk, s in zip(chunks, self.my_stages)]
+        schedule_class = SCHEDULES[str(self.cfg.schedule)]
+        stage_arg = stages if self.cfg.schedule == "interleaved" else stages[0]
+        # Losses are already divided by the step's global target count: no further scaling.
+        self.train_schedule = schedule_class(stage_arg, self.cfg.n_microbatches,
+                                             loss_fn=self.stage_loss, scale_grads=False)
+        self.eval_schedule = schedule_class(stage_arg, self.cfg.n_microbatches)
+        return model
+
+    def stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(logits, targets)
+
+    # --- data -------------------------------------------------------------------------------
+    def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
+        micro, parts = divmod(global_batch, self.cfg.n_microbatches)
+        if parts or (requested and requested != micro):
+            raise ConfigError(f"parallel=pipeline splits train.batch_size={global_batch} into "
+                              f"parallel.n_microbatches={self.cfg.n_microbatches} equal micro-"
+                              "batches; make it divisible (and leave train.micro_batch_size unset)")
+        return micro
+
+    def pad(self, batch: Batch) -> Batch:
+        """Right-pad to the fixed length (padding is ignored by the loss and, the model being
+        causal, cannot change the positions before it)."""
+        extra = self.seq_len - batch.inputs.shape[1]
+        if extra < 0:
+            raise ValueError(f"a batch of length {batch.inputs.shape[1]} exceeds {self.seq_len}")
+        return Batch(nn.functional.pad(batch.inputs, (0, extra), value=PAD),
+                     nn.functional.pad(batch.targets, (0, extra), value=IGNORE_INDEX))
+
+    # --- one step ---------------------------------------------------------------------------
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
+                         precision: Precision) -> torch.Tensor:
+        # The schedule cuts the batch into its own micro-batches.
+        batch = self.pad(Batch(torch.cat([m.inputs for m in micro_batches]),
+                               torch.cat([m.targets for m in micro_batches]))).to(self.device)
+        self.loss_fn = loss_fn
+        losses: list[torch.Tensor] = []
+        with precision.autocast():
+            self.run(self.train_schedule, batch.inputs, batch.targets, losses)
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+
+    def run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+            losses: list | None = None):
+        """One pass of a schedule; the first stage feeds the inputs, the last the targets."""
+        args = (inputs,) if self.is_first else ()
+        kwargs = {"target": targets, "losses": losses} if self.is_last and targets is not None else {}
+        return schedule.step(*args, **kwargs)
+
+    def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
+        # Each rank holds different parameters: add the squares of the stages' norms.
+        squared = local_norm.to(self.device) ** 2
+        dist.all_reduce(squared)
+        return squared.sqrt()
+
+    # --- evaluation -------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
+        """Every rank runs the task's evaluation in step; only the last stage has logits, so the
+        others see a stand-in, and the last stage's results are shared with all."""
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            rows, length = inputs.shape
+            padded_rows = -rows % self.cfg.n_microbatches
+            inputs = nn.functional.pad(inputs, (0, self.seq_len - length, 0, padded_rows),
+                                       value=PAD).to(self.device)
+            logits = self.run(self.eval_schedule, inputs)
+            if not self.is_last:
+                return torch.zeros(1, 1, 1, device=self.device).expand(rows, length, self.vocab_size)
+            return logits[:rows, :length]
+
+        results = [run(forward)]
+        dist.broadcast_object_list(results, src=self.last_rank, device=torch.device("cpu"))
+        return results[0]
+
+
+def split_evenly(names: list[str], parts: int) -> list[list[str]]:
+    """Consecutive runs of names, the first ones one longer when they do not divide evenly."""
+    size, extra = divmod(len(names), parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < extra))
+    return [names[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def keep_only(model: nn.Module, block_names: list[str], first: bool, last: bool) -> nn.Module:
+    """A view of the Transformer with only the given blocks, the embeddings if ``first`` and
+    the final norm and head if ``last``; it shares their parameters with ``model``."""
+    part = copy.copy(model)
+    part._modules = dict(model._modules)
+    part.blocks = nn.ModuleDict({name: model.blocks[name] for name in block_names})
+    if not first:
+        part.token_embedding = part.positions = None
+    if not last:
+        part.final_norm = part.head = None
+    return part
