@@ -74,10 +74,7 @@ class Strategy(Choice):
     pipeline = "pipeline"
 
 
-class PipelineSchedule(Choice):
-    gpipe = "gpipe"
-    one_f_one_b = "1f1b"
-    interleaved = "interleaved"  # interleaved 1F1B: several stages per rank
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # a str, not an enum: "1f1b" is no name
 
 
 class Dtype(Choice):
@@ -176,14 +173,16 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # false: keep parameters gathered from forward to backward
     replicate: int = 1  # > 1: hybrid sharding, replicate over this many groups, shard within each
     # pipeline
-    schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved (1F1B over several stages per rank)
     n_microbatches: int = 4  # per rank and step; the per-rank batch must divide evenly
     stages_per_rank: int = 1  # interleaved only: model chunks per rank (2 or more)
 
     def __post_init__(self):
         require_positive("parallel", replicate=self.replicate, n_microbatches=self.n_microbatches,
                          stages_per_rank=self.stages_per_rank)
-        if self.schedule == PipelineSchedule.interleaved:
+        require(self.schedule in PIPELINE_SCHEDULES, f"parallel.schedule={self.schedule} is not "
+                f"one of {', '.join(PIPELINE_SCHEDULES)}")
+        if self.schedule == "interleaved":
             require(self.stages_per_rank >= 2, "parallel.schedule=interleaved needs "
                     f"parallel.stages_per_rank >= 2, got {self.stages_per_rank}")
         else:

@@ -1,7 +1,5 @@
 """``parallel=ddp``: DistributedDataParallel, one process per device, a full model on each."""
 
-from __future__ import annotations
-
 from typing import ContextManager
 
 import torch
@@ -14,7 +12,9 @@ from txtrain.distributed import require_launched
 from txtrain.parallel.base import SingleProcess
 
 
-def sum_gradients(process_group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
+# (No `from __future__ import annotations` here: DDP checks the hook's annotations as types.)
+def sum_gradients(process_group: dist.ProcessGroup,
+                  bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP's communication hook: all-reduce a bucket of gradients as a sum. (DDP's default
     averages over ranks; our losses are already normalised by the global token count.)"""
     work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)

@@ -50,9 +50,11 @@ class FSDP(SingleProcess):
         for block in model.blocks.values():
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
-        # Sum, not average, across ranks: each rank's loss is already divided by the global
-        # number of targets.
-        model.set_gradient_divide_factor(1.0)
+        for unit in [*model.blocks.values(), model]:
+            # Sum, not average, across ranks: each rank's loss is already divided by the
+            # global number of targets. (As plain sums: gloo has no pre-scaled sum.)
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
         return model
 
     def no_sync(self, model: nn.Module, last_micro_batch: bool) -> ContextManager:
