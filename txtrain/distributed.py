@@ -75,6 +75,8 @@ def launch_workers(nproc_per_node: int, overrides: list[str], run_dir: str) -> N
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc_per_node}", "--module", "txtrain",
          *overrides, f"hydra.run.dir={run_dir}"])
+    # Share the cores among the workers (torchrun would pick 1 thread each, and say so).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     try:
         run(args)
     except ChildFailedError as failure:
@@ -84,8 +86,8 @@ def launch_workers(nproc_per_node: int, overrides: list[str], run_dir: str) -> N
 
 def require_launched(strategy: str, min_processes: int = 1) -> None:
     """A multi-process strategy needs torchrun (or launch.nproc_per_node) to start it."""
-    how = (f"add launch.nproc_per_node=2, or start it with torchrun --nproc-per-node=2 -m txtrain "
-           f"parallel={strategy} ...")
+    how = (f"add launch.nproc_per_node=2, or start it with `torchrun --nproc-per-node=2 -m txtrain "
+           f"parallel={strategy} <overrides>`")
     if not under_torchrun():
         raise ConfigError(f"parallel={strategy} runs one process per device and this is a single "
                           f"process; {how}")

@@ -89,7 +89,10 @@ class Transformer(nn.Module):
         return self.dropout(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(x))[..., : self.vocab_size]
+        logits = self.head(self.final_norm(x))
+        if logits.shape[-1] > self.vocab_size:  # slice only when padded: FSDP warns about views
+            logits = logits[..., : self.vocab_size]
+        return logits
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         # A pipeline stage lacks the embedding (all but the first stage) or the head (all but
