@@ -29,6 +29,11 @@ SHORT = ["train.steps=4", "train.log_every=2", "train.eval_every=2", "train.save
     (["+model.widht=3"], "unknown key 'model.widht'"),                # added keys are checked too
     (["train.steps=[1"], "no viable alternative"),                     # bad override syntax
     (["train.steps=1", "device=cuda:7"] , "device"),
+    (["parallel=ddp"], "launch.nproc_per_node=2"),                     # needs a launcher
+    (["parallel=fsdp"], "launch.nproc_per_node=2"),
+    (["parallel=pipeline", "parallel.schedule=zigzag"], "zigzag"),
+    (["parallel=pipeline", "parallel.stages_per_rank=2"], "interleaved"),
+    (["parallel=fsdp", "parallel.replicate=0"], "replicate must be positive"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, overrides, fragment):
     result = run_txtrain("train.steps=1", *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

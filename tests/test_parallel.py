@@ -1,0 +1,180 @@
+"""Parallel strategies under torchrun (gloo, CPU): each one trains exactly like one process.
+
+The reference is one process with parallel=none; every strategy runs the same 30 steps (same
+seed, fp32, no dropout, same global batch) and must reproduce its per-step losses and its final
+weights. Checkpoints written under one layout resume under another on the same trajectory.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, run_txtrain
+from txtrain.checkpoint import Checkpoints, load_meta, load_model_weights
+from txtrain.model import Transformer
+
+STEPS = 30
+# 4 blocks, so that a pipeline has 2 per rank (or 1 per stage, interleaved); untied embeddings,
+# which a pipeline cannot tie across its first and last stage.
+RUN = [f"train.steps={STEPS}", "train.log_every=1", "train.save_every=15", "train.eval_every=0",
+       "task.n_eval=100", "model.n_layer=4", "model.n_embd=64", "model.tie_embeddings=false",
+       "model.dropout=0", "precision=fp32", "progress=false"]
+STRATEGIES = {  # name: (overrides, processes, relative tolerance)
+    "ddp": (["parallel=ddp", "train.micro_batch_size=16"], 2, 1e-4),  # 2 micro-batches per rank
+    "fsdp": (["parallel=fsdp", "train.micro_batch_size=16"], 2, 1e-4),
+    "fsdp-keep-gathered": (["parallel=fsdp", "parallel.reshard_after_forward=false"], 2, 1e-4),
+    "pipeline-gpipe": (["parallel=pipeline", "parallel.schedule=gpipe"], 2, 1e-3),
+    "pipeline-1f1b": (["parallel=pipeline", "parallel.schedule=1f1b"], 2, 1e-3),
+    "pipeline-interleaved": (["parallel=pipeline", "parallel.schedule=interleaved",
+                              "parallel.stages_per_rank=2"], 2, 1e-3),
+    "fsdp-hybrid": (["parallel=fsdp", "parallel.replicate=2"], 4, 1e-4),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, cwd: Path, torchrun_args=(), timeout: float = 300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                *(torchrun_args or ["--standalone"])]
+    return subprocess.run([*launcher, "-m", "txtrain", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpoints(run_dir / "checkpoints").latest()
+    model = Transformer(make_config(*RUN).model, load_meta(checkpoint)["vocab_size"])
+    load_model_weights(checkpoint, model)
+    return model.state_dict()
+
+
+def assert_same_losses(run_dir: Path, reference: dict[int, float], tolerance: float, steps):
+    got = losses(run_dir)
+    assert sorted(got) == list(steps)
+    worst = max(abs(got[s] - reference[s]) / abs(reference[s]) for s in steps)
+    assert worst <= tolerance, f"max relative loss difference {worst:.2e} > {tolerance}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("none") / "run"
+    result = run_txtrain(*RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(tmp_path_factory):
+    """Each strategy's run dir, trained once and shared by the tests below."""
+    made = {}
+
+    def run(name: str) -> Path:
+        if name not in made:
+            overrides, nproc, _ = STRATEGIES[name]
+            run_dir = tmp_path_factory.mktemp(name) / "run"
+            result = torchrun(*overrides, *RUN, f"hydra.run.dir={run_dir}", nproc=nproc,
+                              cwd=run_dir.parent)
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[name] = run_dir
+        return made[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_strategy_reproduces_the_single_process_run(name, reference, strategy_runs):
+    run_dir = strategy_runs(name)
+    tolerance = STRATEGIES[name][2]
+    assert_same_losses(run_dir, losses(reference), tolerance, range(1, STEPS + 1))
+    # The weights as one vector. (Tensor by tensor, the key bias would stand out: its gradient
+    # is zero but for rounding, softmax being blind to it, and Adam turns rounding into steps.)
+    expected, got = final_weights(reference), final_weights(run_dir)
+    expected_vector = torch.cat([value.flatten() for value in expected.values()])
+    got_vector = torch.cat([got[key].flatten() for key in expected])
+    difference = (got_vector - expected_vector).norm() / expected_vector.norm()
+    assert difference <= tolerance, f"final weights differ by {difference:.2e} (relative)"
+
+
+@pytest.mark.parametrize("written_by,resumed_with,nproc", [
+    ("fsdp", [], 1),
+    ("ddp", ["parallel=fsdp"], 2),
+    ("pipeline-1f1b", [], 1),
+])
+def test_a_checkpoint_resumes_under_another_layout(written_by, resumed_with, nproc, reference,
+                                                   strategy_runs, tmp_path):
+    checkpoint = strategy_runs(written_by) / "checkpoints" / "step_000015"
+    run_dir = tmp_path / "run"
+    args = [*resumed_with, *RUN, f"resume={checkpoint}", f"hydra.run.dir={run_dir}"]
+    if nproc == 1:
+        result = run_txtrain(*args, cwd=tmp_path)
+    else:
+        result = torchrun(*args, nproc=nproc, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tolerance = 1e-3 if "pipeline" in written_by else 1e-4
+    assert_same_losses(run_dir, losses(reference), tolerance, range(16, STEPS + 1))
+
+
+def test_two_nodes_train_together(reference, tmp_path):
+    """Two torchrun invocations, one per "node", meet over a c10d rendezvous on loopback; with
+    no run dir given they also agree on the one Hydra makes."""
+    rendezvous = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}",
+                  "--rdzv-id=two-nodes"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+                               *rendezvous, "-m", "txtrain", "parallel=ddp", *RUN],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    run_dirs = list(tmp_path.glob("outputs/*/*"))
+    assert len(run_dirs) == 1
+    assert_same_losses(run_dirs[0], losses(reference), 1e-4, range(1, STEPS + 1))
+
+
+def test_launch_starts_the_processes_itself_and_only_rank_0_writes(tmp_path):
+    result = run_txtrain("parallel=ddp", "launch.nproc_per_node=2", *RUN, "train.steps=4",
+                         "train.save_every=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: step 4") == 1  # one summary, from rank 0
+    [run_dir] = tmp_path.glob("outputs/*/*")
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "checkpoints", "eval.jsonl",
+                                                   "metrics.jsonl", "txtrain.log"}
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    shards = {p.name for p in (run_dir / "checkpoints" / "step_000004" / "state").iterdir()}
+    assert shards == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+
+
+def test_a_multi_process_strategy_in_one_process_is_a_one_line_error(tmp_path):
+    result = torchrun("parallel=pipeline", *RUN, nproc=1, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0
+    assert errors == [errors[0]] and "at least 2 processes" in errors[0]
+    # torchrun reports the failed worker with a traceback of its own, but none is ours.
+    assert not [line for line in result.stderr.splitlines() if "File" in line and "txtrain" in line]
+
+
+def test_dp_without_two_gpus_says_so_and_trains_as_none(reference, tmp_path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has several GPUs: dp really runs")
+    run_dir = tmp_path / "run"
+    result = run_txtrain("parallel=dp", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "parallel=dp needs at least 2 GPUs" in result.stdout + result.stderr
+    assert losses(run_dir) == losses(reference)
