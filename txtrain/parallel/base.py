@@ -44,6 +44,7 @@ class SingleProcess:
     """``parallel=none``: one process, one device. Also the base the other strategies extend."""
 
     name = "none"
+    multi_process = False  # one process per device, started by torchrun
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
         self.cfg = cfg
@@ -52,8 +53,8 @@ class SingleProcess:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.data_parallel_rank = 0
         self.data_parallel_size = 1
-        if self.world_size > 1 and type(self) is SingleProcess:
-            raise ConfigError(f"parallel=none with {self.world_size} processes would train "
+        if self.world_size > 1 and not self.multi_process:
+            raise ConfigError(f"parallel={self.name} with {self.world_size} processes would train "
                               f"{self.world_size} separate copies; choose parallel=ddp, fsdp or "
                               "pipeline, or start one process")
 

@@ -23,6 +23,7 @@ def sum_gradients(process_group: dist.ProcessGroup,
 
 class DDP(SingleProcess):
     name = "ddp"
+    multi_process = True
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
         require_launched(self.name)

@@ -23,6 +23,7 @@ from txtrain.parallel.base import SingleProcess
 
 class FSDP(SingleProcess):
     name = "fsdp"
+    multi_process = True
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
         require_launched(self.name)

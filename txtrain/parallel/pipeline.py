@@ -30,6 +30,7 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": Schedu
 
 class Pipeline(SingleProcess):
     name = "pipeline"
+    multi_process = True
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto", seq_len: int = 0):
         require_launched(self.name, min_processes=2)
