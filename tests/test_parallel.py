@@ -22,7 +22,7 @@ from txtrain.model import Transformer
 STEPS = 30
 # 4 blocks, so that a pipeline has 2 per rank (or 1 per stage, interleaved); untied embeddings,
 # which a pipeline cannot tie across its first and last stage.
-RUN = [f"train.steps={STEPS}", "train.log_every=1", "train.save_every=15", "train.eval_every=0",
+RUN = [f"train.steps={STEPS}", "train.log_every=1", "train.save_every=15", "train.eval_every=10",
        "task.n_eval=100", "model.n_layer=4", "model.n_embd=64", "model.tie_embeddings=false",
        "model.dropout=0", "precision=fp32", "progress=false"]
 STRATEGIES = {  # name: (overrides, processes, relative tolerance)
@@ -55,6 +55,10 @@ def torchrun(*args: str, nproc: int = 2, cwd: Path, torchrun_args=(), timeout: f
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def evaluations(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -102,6 +106,11 @@ def test_strategy_reproduces_the_single_process_run(name, reference, strategy_ru
     run_dir = strategy_runs(name)
     tolerance = STRATEGIES[name][2]
     assert_same_losses(run_dir, losses(reference), tolerance, range(1, STEPS + 1))
+    evals, reference_evals = evaluations(run_dir), evaluations(reference)
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    for got, expected in zip(evals, reference_evals):
+        assert got["exact_match"] == pytest.approx(expected["exact_match"], abs=0.011)
+        assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=tolerance)
     # The weights as one vector. (Tensor by tensor, the key bias would stand out: its gradient
     # is zero but for rounding, softmax being blind to it, and Adam turns rounding into steps.)
     expected, got = final_weights(reference), final_weights(run_dir)

@@ -42,6 +42,8 @@ class Trainer:
         model = Transformer(cfg.model, self.task.vocab_size)
         self.n_params = model.num_parameters()
         self.model = self.strategy.prepare(model)
+        if self.strategy.world_size > 1:  # the same weights everywhere, but each rank its own dropout
+            torch.manual_seed(cfg.seed + self.strategy.rank)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(cfg.precision, self.device)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.strategy.is_main,

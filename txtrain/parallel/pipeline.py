@@ -67,15 +67,18 @@ class Pipeline(SingleProcess):
         model = keep_only(model, [name for name in model.blocks if name in mine],
                           first=self.is_first, last=self.is_last).to(self.device)
         self.vocab_size = model.vocab_size
+        # Losses are already divided by the step's global target count: no further scaling.
+        self.train_schedule = self.schedule(chunks, loss_fn=self.stage_loss, scale_grads=False)
+        # Evaluation gets stages of its own: a stage sizes its buffers for the shapes it saw.
+        self.eval_schedule = self.schedule(chunks)
+        return model
+
+    def schedule(self, chunks: list[nn.Module], **options):
         stages = [PipelineStage(chunk, s, self.n_stages, self.device)
                   for chunk, s in zip(chunks, self.my_stages)]
-        schedule_class = SCHEDULES[str(self.cfg.schedule)]
+        schedule_class = SCHEDULES[self.cfg.schedule]
         stage_arg = stages if self.cfg.schedule == "interleaved" else stages[0]
-        # Losses are already divided by the step's global target count: no further scaling.
-        self.train_schedule = schedule_class(stage_arg, self.cfg.n_microbatches,
-                                             loss_fn=self.stage_loss, scale_grads=False)
-        self.eval_schedule = schedule_class(stage_arg, self.cfg.n_microbatches)
-        return model
+        return schedule_class(stage_arg, self.cfg.n_microbatches, **options)
 
     def stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, targets)
