@@ -170,6 +170,18 @@ def test_launch_starts_the_processes_itself_and_only_rank_0_writes(tmp_path):
     assert shards == {".metadata", "__0_0.distcp", "__1_0.distcp"}
 
 
+def test_torchrun_runs_the_package_folder_from_the_project_root(tmp_path):
+    """`torchrun txtrain ...` runs txtrain/__main__.py as a script, not as a module."""
+    project_root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "txtrain", "parallel=fsdp", *RUN, "train.steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=project_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: step 2" in result.stdout
+
+
 def test_a_multi_process_strategy_in_one_process_is_a_one_line_error(tmp_path):
     result = torchrun("parallel=pipeline", *RUN, nproc=1, cwd=tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
