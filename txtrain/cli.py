@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from txtrain import distributed
-from txtrain.config import Config, ConfigError, register_configs
+from txtrain.config import Config, ConfigError, TrainingStopped, register_configs
 
 USER_ERROR_STATUS = 2
 log = logging.getLogger("txtrain")
@@ -68,6 +68,8 @@ def run(raw: DictConfig) -> dict:
     except ConfigError as error:
         # Leave here rather than through Hydra, which would add a line of its own.
         exit_with_user_error(error)
+    except TrainingStopped as error:
+        exit_with_user_error(error, status=1)
     if trainer.strategy.is_main:
         print(summary_line(summary, trainer.run_dir), flush=True)
     trainer.strategy.close()
@@ -128,10 +130,10 @@ def main() -> None:
         exit_with_user_error(error)
 
 
-def exit_with_user_error(error: BaseException) -> None:
+def exit_with_user_error(error: BaseException, status: int = USER_ERROR_STATUS) -> None:
     if distributed.env_rank() == 0:  # every rank has the same config, and the same mistake
         print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
-    sys.exit(USER_ERROR_STATUS)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A value the user chose is impossible. Reported as one line, never as a traceback."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (the loss diverged, say). Reported as one line, exit status 1."""
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -80,6 +84,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # a str, not an enum: "1f
 class Dtype(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class OptimizerName(Choice):
@@ -109,6 +114,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     impl: AttentionImpl = AttentionImpl.sdpa
     rope_base: float = 10000.0
+    activation_checkpointing: bool = False  # keep only block inputs; recompute the rest in backward
 
     def __post_init__(self) -> None:
         require_positive("model", n_layer=self.n_layer, n_head=self.n_head,
@@ -204,6 +210,10 @@ class LaunchConfig:
 @dataclass
 class PrecisionConfig:
     name: Dtype = Dtype.fp32
+    init_scale: float = 65536.0  # fp16: the first loss scale; halved on overflow, doubled when calm
+
+    def __post_init__(self):
+        require_positive("precision", init_scale=self.init_scale)
 
 
 @dataclass
@@ -247,12 +257,14 @@ class TrainConfig:
     eval_every: int = 250  # 0: only at the end
     save_every: int = 500  # 0: only at the end
     eval_batch_size: int = 500
+    skip_nonfinite: int = 0  # 0: stop at a non-finite loss; K: skip such steps, stop after K in a row
 
     def __post_init__(self) -> None:
         require_positive("train", steps=self.steps, batch_size=self.batch_size,
                          log_every=self.log_every, eval_batch_size=self.eval_batch_size)
         if self.micro_batch_size is not None:
             require_positive("train", micro_batch_size=self.micro_batch_size)
+        require(self.skip_nonfinite >= 0, "train.skip_nonfinite must not be negative")
         require(self.eval_every >= 0 and self.save_every >= 0,
                 "train.eval_every and train.save_every must not be negative")
         require(self.grad_clip >= 0, "train.grad_clip must not be negative")
@@ -262,6 +274,7 @@ class TrainConfig:
 @dataclass
 class DebugConfig:
     overfit_batch: bool = False  # train on one fixed batch: the loss must go to ~0
+    nonfinite_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN (tests)
 
 
 @dataclass
@@ -279,6 +292,7 @@ class Config:
     resume: str = "auto"  # auto (latest in the run dir) | never | a checkpoint path
     progress: bool = True  # progress bar, shown only on a terminal
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile each block (the first steps pay for compiling)
 
 
 def register_configs() -> None:

@@ -37,7 +37,8 @@ class RunLog:
         self.bar.update(1)
         if record is not None and self.enabled:
             self._write("metrics", record)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            loss = record["loss"]  # None when the step's loss was not finite
+            self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
 
     def eval(self, record: dict) -> None:

@@ -9,6 +9,7 @@ either.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from enum import Enum
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_meta, load_state,
                                 restore_rng)
-from txtrain.config import Config, ConfigError, ModelConfig
+from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.metrics import RunLog
 from txtrain.model import Transformer
 from txtrain.optim import build_optimizer, lr_factor, optimizer_slots, set_lr
@@ -41,18 +42,24 @@ class Trainer:
         seed_everything(cfg.seed)  # every rank builds the same initial weights
         model = Transformer(cfg.model, self.task.vocab_size)
         self.n_params = model.num_parameters()
+        if cfg.compile:  # block by block, before any wrapping: works under every strategy
+            for block in model.blocks.values():
+                block.compile()
         self.model = self.strategy.prepare(model)
         if self.strategy.world_size > 1:  # the same weights everywhere, but each rank its own dropout
             torch.manual_seed(cfg.seed + self.strategy.rank)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.precision = Precision(cfg.precision, self.device)
+        self.precision = Precision(cfg.precision, self.device, self.strategy.world_size)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.strategy.is_main,
                                        self.strategy.barrier)
         self.step = 0
         self.tokens = 0  # target tokens consumed so far, all ranks
         self.last_loss = float("nan")  # the latest logged training loss
         self.last_eval: dict = {}
+        self.skipped_steps = 0  # steps not taken: non-finite loss or gradients
+        self.nonfinite_in_a_row = 0
         self.resumed_from = self.resume()
+        self.first_step = self.step
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -68,14 +75,17 @@ class Trainer:
             loss, grad_norm = self.train_step(batch, lr)
             self.step += 1
             self.tokens += batch.n_targets
+            if self.step == self.first_step + 1 and self.cfg.compile:
+                clock, tokens_at_clock = self.report_compile(log, clock)
 
             record = None
             if self.step % train.log_every == 0 or self.step == train.steps:
                 now = time.perf_counter()
-                self.last_loss = loss.item()  # the only place the loop waits for the device
-                record = {"step": self.step, "loss": self.last_loss, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens": self.tokens,
-                          "tokens_per_s": (self.tokens - tokens_at_clock) / (now - clock)}
+                self.last_loss = loss.item()
+                record = {"step": self.step, "loss": finite_or_none(self.last_loss), "lr": lr,
+                          "grad_norm": finite_or_none(grad_norm.item()), "tokens": self.tokens,
+                          "tokens_per_s": (self.tokens - tokens_at_clock) / (now - clock),
+                          "skipped_steps": self.skipped_steps, **self.precision.metrics()}
                 clock, tokens_at_clock = now, self.tokens
             log.step(record)
 
@@ -92,23 +102,55 @@ class Trainer:
                 "seconds": time.perf_counter() - started, **self.last_eval}
 
     def train_step(self, batch: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer update over the global batch; returns (loss, grad norm) as tensors,
-        so nothing waits for the device unless the caller asks for the numbers."""
+        """One optimizer update over the global batch; returns (loss, grad norm)."""
         set_lr(self.optimizer, lr)
         n_targets = batch.n_targets  # every rank knows the global count: losses are sums / it
         smoothing = self.cfg.train.label_smoothing
+        poison = float("nan") if self.step + 1 in self.cfg.debug.nonfinite_steps else 1.0
 
         def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum",
-                                   label_smoothing=smoothing) / n_targets
+            return poison * F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=IGNORE_INDEX, reduction="sum",
+                                            label_smoothing=smoothing) / n_targets
 
         micro_batches = self.strategy.local_batch(batch).split(self.micro_batch_size)
         loss = self.strategy.forward_backward(self.model, micro_batches, loss_fn, self.precision)
+        loss = self.strategy.reduce_sum(loss)
+        self.precision.unscale(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.cfg.train.grad_clip)
-        self.optimizer.step()
+        # The loop waits here for the device, once per step: a step must not be taken blindly.
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self.nonfinite_in_a_row = 0
+            self.precision.step(self.optimizer)
+        else:
+            self.skip_step(loss, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        return self.strategy.reduce_sum(loss), grad_norm
+        return loss, grad_norm
+
+    def skip_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """A step with a non-finite loss or gradient. Under fp16 that is loss scaling at work:
+        the scaler skips it and lowers the scale. Otherwise stop, unless train.skip_nonfinite
+        allows skipping (and then stop after that many in a row)."""
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.precision.scaler is not None:
+            self.precision.step(self.optimizer)  # skips the update, lowers the scale
+            return
+        allowed = self.cfg.train.skip_nonfinite
+        if self.nonfinite_in_a_row > allowed or allowed == 0:
+            latest = self.checkpoints.latest()
+            raise TrainingStopped(
+                f"step {self.step + 1}: the loss is {loss.item()} and the gradient norm "
+                f"{grad_norm.item()}" + (f" ({self.nonfinite_in_a_row} steps in a row)" if allowed else "")
+                + f"; stopped. Last good checkpoint: {latest or 'none yet'}. Lower optim.lr, raise "
+                "schedule.warmup_steps, or skip such steps with train.skip_nonfinite=K")
+
+    def report_compile(self, log: RunLog, clock: float) -> tuple[float, int]:
+        """The first step under compile=true is mostly compiling: report it on its own and
+        start measuring speed after it."""
+        now = time.perf_counter()
+        log.info(f"compile: the first step took {now - clock:.1f}s (compiling included)")
+        return now, self.tokens
 
     @torch.no_grad()
     def evaluate(self, log: RunLog) -> dict:
@@ -129,6 +171,8 @@ class Trainer:
             "rng": self.strategy.gather(capture_rng()),  # one per rank
             "last_loss": self.last_loss,
             "last_eval": self.last_eval,
+            "skipped_steps": self.skipped_steps,
+            "precision": self.precision.state_dict(),
             "model_config": plain(self.cfg.model),
             "vocab_size": self.task.vocab_size,
         }
@@ -145,6 +189,8 @@ class Trainer:
         self.strategy.load_state_dict(self.model, self.optimizer, state)
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.last_loss, self.last_eval = meta["last_loss"], meta["last_eval"]
+        self.skipped_steps = meta["skipped_steps"]
+        self.precision.load_state_dict(meta["precision"])
         # Each rank continues its own random stream; under a new world size, rank 0's.
         rng = meta["rng"]
         restore_rng(rng[self.strategy.rank] if len(rng) == self.strategy.world_size else rng[0])
@@ -174,6 +220,11 @@ class Trainer:
                      f"{mib(held['grads'])}, optimizer state {mib(held['optimizer'])}")
 
 
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a non-finite number is written as null."""
+    return value if math.isfinite(value) else None
+
+
 def mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.2f} MiB"
 
@@ -200,7 +251,7 @@ def check_model_fits_task(model: ModelConfig, task: Task) -> None:
                           "model.max_seq_len, shorten the task, or use model.pos=sinusoidal/rope")
 
 
-RUNTIME_ONLY = {"dropout", "impl"}  # model settings that do not change the weights
+RUNTIME_ONLY = {"dropout", "impl", "activation_checkpointing"}  # model settings that do not change the weights
 
 
 def check_compatible(state: dict, model_config: dict, vocab_size: int, path: Path) -> None:

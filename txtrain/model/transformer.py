@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from txtrain.config import ModelConfig
 from txtrain.model.attention import MultiHeadAttention
@@ -99,7 +100,11 @@ class Transformer(nn.Module):
         # the last): it takes and gives hidden states instead of tokens and logits.
         x = self.embed(idx) if self.token_embedding is not None else idx
         for block in self.blocks.values():
-            x = block(x)
+            if self.cfg.activation_checkpointing and self.training:
+                # Keep only the block's input; rerun it in backward (with the same dropout masks).
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.logits(x) if self.head is not None else x
 
     def num_parameters(self) -> int:

@@ -20,7 +20,7 @@ def build_strategy(cfg: Config, seq_len: int) -> SingleProcess:
         return DDP(cfg.parallel, cfg.device)
     if name == "fsdp":
         from txtrain.parallel.fsdp import FSDP
-        return FSDP(cfg.parallel, cfg.device)
+        return FSDP(cfg.parallel, cfg.device, str(cfg.precision.name))
     if name == "pipeline":
         from txtrain.parallel.pipeline import Pipeline
         return Pipeline(cfg.parallel, cfg.device, seq_len)

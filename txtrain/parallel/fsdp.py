@@ -14,20 +14,25 @@ from typing import ContextManager
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from txtrain.config import ConfigError, ParallelConfig
 from txtrain.distributed import require_launched
 from txtrain.parallel.base import SingleProcess
+from txtrain.precision import DTYPES
 
 
 class FSDP(SingleProcess):
     name = "fsdp"
     multi_process = True
 
-    def __init__(self, cfg: ParallelConfig, device: str = "auto"):
+    def __init__(self, cfg: ParallelConfig, device: str = "auto", precision: str = "fp32"):
         require_launched(self.name)
         super().__init__(cfg, device)
+        # Mixed precision the FSDP way: blocks gather their weights in the compute dtype;
+        # gradients are reduced, and the sharded weights kept, in fp32.
+        self.mixed_precision = MixedPrecisionPolicy(param_dtype=DTYPES[precision],
+                                                    reduce_dtype=torch.float32)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.world_size % cfg.replicate:
@@ -49,8 +54,10 @@ class FSDP(SingleProcess):
         model = model.to(self.device)
         reshard = self.cfg.reshard_after_forward
         for block in model.blocks.values():
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard,
+                        mp_policy=self.mixed_precision)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard,
+                    mp_policy=self.mixed_precision)
         for unit in [*model.blocks.values(), model]:
             # Sum, not average, across ranks: each rank's loss is already divided by the
             # global number of targets. (As plain sums: gloo has no pre-scaled sum.)

@@ -45,7 +45,8 @@ class Pipeline(SingleProcess):
         self.last_rank = (self.n_stages - 1) % self.world_size
         # Every micro-batch has the same shape: the stages exchange fixed-size activations.
         self.seq_len = seq_len
-        self.loss_fn: LossFn | None = None
+        self.loss_fn: LossFn | None = None  # this step's, set by forward_backward
+        self.precision: Precision | None = None
 
     def describe(self) -> str:
         return (f"{self.name} of {self.n_stages} stages over {self.world_size} processes on "
@@ -81,7 +82,8 @@ class Pipeline(SingleProcess):
         return schedule_class(stage_arg, self.cfg.n_microbatches, **options)
 
     def stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(logits, targets)
+        """The last stage's loss for one micro-batch, scaled for backward under fp16."""
+        return self.precision.scale(self.loss_fn(logits, targets))
 
     # --- data -------------------------------------------------------------------------------
     def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
@@ -107,11 +109,13 @@ class Pipeline(SingleProcess):
         # The schedule cuts the batch into its own micro-batches.
         batch = self.pad(Batch(torch.cat([m.inputs for m in micro_batches]),
                                torch.cat([m.targets for m in micro_batches]))).to(self.device)
-        self.loss_fn = loss_fn
-        losses: list[torch.Tensor] = []
+        self.loss_fn, self.precision = loss_fn, precision
+        losses: list[torch.Tensor] = []  # the last stage's, one per micro-batch
         with precision.autocast():
             self.run(self.train_schedule, batch.inputs, batch.targets, losses)
-        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return precision.unscale_loss(torch.stack(losses).sum().detach())
 
     def run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor | None = None,
             losses: list | None = None):

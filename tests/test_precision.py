@@ -1,0 +1,80 @@
+"""Precision and robustness: fp16 loss scaling, non-finite losses, activation checkpointing."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, run_txtrain
+from txtrain.config import TrainingStopped
+from txtrain.train import Trainer
+
+SMALL = ["model.n_layer=1", "model.n_embd=32", "task.n_eval=100", "task.max_len=6",
+         "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.batch_size=16"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_learns(tmp_path, precision):
+    trainer = Trainer(make_config(*SMALL, f"precision={precision}", "train.steps=100",
+                                  "optim.lr=1e-2", "schedule.warmup_steps=10"), tmp_path)
+    trainer.fit()
+    losses = [r["loss"] for r in records(tmp_path)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fp16_skips_an_overflowing_step_and_recovers(tmp_path):
+    trainer = Trainer(make_config(*SMALL, "precision=fp16", "train.steps=30",
+                                  "debug.nonfinite_steps=[5]"), tmp_path)
+    trainer.fit()
+    log = records(tmp_path)
+    assert [r["skipped_steps"] for r in log[3:6]] == [0, 1, 1]
+    assert log[4]["loss_scale"] == log[3]["loss_scale"] / 2  # the scaler backed off
+    assert log[4]["loss"] is None and all(r["loss"] is not None for r in log[5:])
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_txtrain(*SMALL, "train.steps=20", "train.save_every=4", "debug.nonfinite_steps=[6]",
+                         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: step 6: the loss is nan")
+    assert "step_000004" in lines[0] and "train.skip_nonfinite" in lines[0]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000004"
+
+
+def test_skip_nonfinite_skips_and_stops_after_that_many_in_a_row(tmp_path):
+    common = [*SMALL, "train.steps=12", "train.skip_nonfinite=2"]
+    trainer = Trainer(make_config(*common, "debug.nonfinite_steps=[3,4,8]"), tmp_path / "skips")
+    trainer.fit()  # two in a row are allowed
+    assert records(tmp_path / "skips")[-1]["skipped_steps"] == 3
+    trainer = Trainer(make_config(*common, "debug.nonfinite_steps=[3,4,5]"), tmp_path / "stops")
+    with pytest.raises(TrainingStopped, match="3 steps in a row"):
+        trainer.fit()
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(tmp_path):
+    """Dropout on: the recomputed forward must draw the same masks."""
+    results = []
+    for checkpointing in ("false", "true"):
+        trainer = Trainer(make_config(*SMALL, "model.n_layer=2", "model.dropout=0.2", "train.steps=5",
+                                      f"model.activation_checkpointing={checkpointing}"),
+                          tmp_path / checkpointing)
+        trainer.fit()
+        batch = trainer.task.train_batch(99, 16)
+        torch.manual_seed(7)
+        loss = torch.nn.functional.cross_entropy(trainer.model(batch.inputs).flatten(0, 1),
+                                                 batch.targets.flatten(), ignore_index=-100)
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters()]
+        results.append(([r["loss"] for r in records(tmp_path / checkpointing)], loss.item(), grads))
+    (losses_off, loss_off, grads_off), (losses_on, loss_on, grads_on) = results
+    assert losses_on == pytest.approx(losses_off, rel=1e-6)
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    for on, off in zip(grads_on, grads_off):
+        torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-7)
