@@ -257,7 +257,7 @@ class TrainConfig:
     eval_every: int = 250  # 0: only at the end
     save_every: int = 500  # 0: only at the end
     eval_batch_size: int = 500
-    skip_nonfinite: int = 0  # 0: stop at a non-finite loss; K: skip such steps, stop after K in a row
+    skip_nonfinite: int = 0  # 0: stop at a non-finite loss; K: skip up to K such steps in a row
 
     def __post_init__(self) -> None:
         require_positive("train", steps=self.steps, batch_size=self.batch_size,
