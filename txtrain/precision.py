@@ -64,6 +64,14 @@ class Precision:
             self.scaler.step(optimizer)
             self.scaler.update()
 
+    def absorb_overflow(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Under fp16 an overflowing step is loss scaling at work: the scaler skips the update
+        and lowers the scale. False where there is no scaler to absorb it."""
+        if self.scaler is None:
+            return False
+        self.step(optimizer)
+        return True
+
     def metrics(self) -> dict:
         return {} if self.scaler is None else {"loss_scale": float(self.scaler.get_scale())}
 

@@ -133,8 +133,7 @@ class Trainer:
         allows skipping (and then stop after that many in a row)."""
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
-        if self.precision.scaler is not None:
-            self.precision.step(self.optimizer)  # skips the update, lowers the scale
+        if self.precision.absorb_overflow(self.optimizer):
             return
         allowed = self.cfg.train.skip_nonfinite
         if self.nonfinite_in_a_row > allowed or allowed == 0:
