@@ -199,3 +199,21 @@ def test_dp_without_two_gpus_says_so_and_trains_as_none(reference, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "parallel=dp needs at least 2 GPUs" in result.stdout + result.stderr
     assert losses(run_dir) == losses(reference)
+
+
+@pytest.mark.parametrize("name", ["none", "ddp", "fsdp", "fsdp-hybrid", "pipeline-1f1b"])
+def test_the_memory_plan_counts_exactly_what_each_rank_holds(name, reference, strategy_runs):
+    run_dir = reference if name == "none" else strategy_runs(name)
+    ranks = json.loads((run_dir / "memory.json").read_text())
+    nproc = 1 if name == "none" else STRATEGIES[name][1]
+    assert [rank["rank"] for rank in ranks] == list(range(nproc))
+    for rank in ranks:  # counted from the tensors after the first update
+        assert rank["held"] == {key: rank["planned"][key] for key in ("params", "grads", "optimizer")}
+        assert rank["measured_peak"] > 0
+    whole = json.loads((reference / "memory.json").read_text())[0]["held"]["params"]
+    if name.startswith(("fsdp", "pipeline")):  # the ranks split the model between them
+        groups = 2 if name == "fsdp-hybrid" else 1
+        assert sum(rank["held"]["params"] for rank in ranks) == groups * whole
+        assert ranks[0]["held"]["params"] != ranks[1]["held"]["params"]  # 13-row embedding: 7 + 6
+    else:
+        assert all(rank["held"]["params"] == whole for rank in ranks)

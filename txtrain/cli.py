@@ -56,6 +56,11 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
 def run(raw: DictConfig) -> dict:
     try:
         cfg = to_config(raw)
+        if cfg.plan.only:
+            from txtrain.planner import plan_only  # torch loads only once the config is good
+
+            print("\n".join(plan_only(cfg)), flush=True)
+            return {}
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         if cfg.launch.nproc_per_node > 1 and not distributed.under_torchrun():
             distributed.launch_workers(cfg.launch.nproc_per_node, list(HydraConfig.get().overrides.task),
@@ -121,13 +126,28 @@ def main() -> None:
         "started", lambda pattern: distributed.start_time().strftime(pattern), replace=True)
     # Let exceptions reach us instead of Hydra's own report, which exits 1 with several lines.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    if distributed.under_torchrun():
+    sys.argv = [expand_plan_flag(arg) for arg in sys.argv]
+    if "plan.only=true" in sys.argv:
+        sys.argv += PLAN_ONLY_OVERRIDES
+    elif distributed.under_torchrun():
         distributed.init_process_group()
         sys.argv += distributed.hydra_overrides_for_rank()
     try:
         run()
     except (ConfigError, HydraException) as error:  # raised while Hydra composes the config
         exit_with_user_error(error)
+
+
+# A plan writes nothing: no run dir, no saved config, no log file (the handler opens it lazily).
+PLAN_ONLY_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null",
+                       "hydra.job_logging.root.handlers=[console]",
+                       "++hydra.job_logging.handlers.file.delay=true"]
+
+
+def expand_plan_flag(arg: str) -> str:
+    """``plan=true`` is short for ``plan.only=true`` (plan is a group of settings)."""
+    key, _, value = arg.partition("=")
+    return f"plan.only={value.lower()}" if key == "plan" and value.lower() in ("true", "false") else arg
 
 
 def exit_with_user_error(error: BaseException, status: int = USER_ERROR_STATUS) -> None:

@@ -278,6 +278,22 @@ class DebugConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory planner. ``plan=true`` (short for ``plan.only=true``) prints the plan and
+    exits without training or allocating the model."""
+
+    only: bool = False
+    device_memory_gb: Optional[float] = None  # GiB per device: say whether the run fits, and what would
+    world_size: Optional[int] = None  # ranks to plan for; None: the processes of this run
+
+    def __post_init__(self) -> None:
+        if self.device_memory_gb is not None:
+            require_positive("plan", device_memory_gb=self.device_memory_gb)
+        if self.world_size is not None:
+            require_positive("plan", world_size=self.world_size)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = MISSING
@@ -288,6 +304,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
     resume: str = "auto"  # auto (latest in the run dir) | never | a checkpoint path
     progress: bool = True  # progress bar, shown only on a terminal

@@ -30,11 +30,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
 
 
-def optimizer_slots(cfg: OptimConfig) -> int:
-    """Tensors of optimizer state per parameter tensor: Adam's two moments, SGD's momentum."""
+def optimizer_state_bytes(cfg: OptimConfig, param_bytes: list[int]) -> int:
+    """Bytes of optimizer state for fp32 parameters of the given sizes: Adam keeps two moments
+    per parameter and a 4-byte step count per tensor; SGD keeps its momentum buffer."""
     if str(cfg.name) == "sgd":
-        return 1 if cfg.momentum else 0
-    return 2
+        return sum(param_bytes) if cfg.momentum else 0
+    return sum(2 * size + 4 for size in param_bytes)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:

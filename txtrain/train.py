@@ -9,6 +9,7 @@ either.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -23,8 +24,10 @@ from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.metrics import RunLog
 from txtrain.model import Transformer
-from txtrain.optim import build_optimizer, lr_factor, optimizer_slots, set_lr
+from txtrain.memory import PeakMemory, held_bytes, warm_up
+from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
+from txtrain import planner
 from txtrain.precision import Precision
 from txtrain.tasks import IGNORE_INDEX, Batch, Task, build_task
 
@@ -39,6 +42,12 @@ class Trainer:
         self.device = self.strategy.device
         self.micro_batch_size = self.strategy.micro_batch_size(cfg.train.batch_size,
                                                                cfg.train.micro_batch_size)
+        if self.device.type == "cpu":  # CUDA counts allocations; a CPU, the whole process
+            warm_up(cfg.model, Precision(cfg.precision, self.device).autocast())
+        self.peak_memory = PeakMemory(self.device)  # before the model: its baseline
+        self.layout = planner.Layout(self.strategy.world_size, self.task.vocab_size,
+                                     self.task.max_seq_len, self.device.type)
+        self.held: dict | None = None  # bytes of the model and optimizer, after the first update
         seed_everything(cfg.seed)  # every rank builds the same initial weights
         model = Transformer(cfg.model, self.task.vocab_size)
         self.n_params = model.num_parameters()
@@ -90,13 +99,15 @@ class Trainer:
             log.step(record)
 
             paused = time.perf_counter()
-            if is_due(self.step, train.eval_every, train.steps):
-                self.evaluate(log)
-            if is_due(self.step, train.save_every, train.steps):
-                self.save()
-            clock += time.perf_counter() - paused  # evaluation and saving are not training speed
+            with self.peak_memory.paused():  # evaluation and saving are not training
+                if is_due(self.step, train.eval_every, train.steps):
+                    self.evaluate(log)
+                if is_due(self.step, train.save_every, train.steps):
+                    self.save()
+            clock += time.perf_counter() - paused
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
+        self.report_memory(log)
         log.close()
         return {"step": self.step, "loss": self.last_loss, "tokens": self.tokens,
                 "seconds": time.perf_counter() - started, **self.last_eval}
@@ -124,6 +135,8 @@ class Trainer:
             self.precision.step(self.optimizer)
         else:
             self.skip_step(loss, grad_norm)
+        if self.held is None:  # once, while gradients and optimizer state both exist
+            self.held = held_bytes(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
@@ -206,17 +219,27 @@ class Trainer:
         log.info(f"parallel {self.strategy.describe()}, precision {self.precision.name}, "
                  f"batch {train.batch_size} = {self.micro_batch_size} x {accumulation} accumulation"
                  f" x {self.strategy.data_parallel_size} ranks, {train.steps} steps")
-        self.log_memory(log)
+        budget = self.cfg.plan.device_memory_gb or planner.device_memory_gb(self.device)
+        for line in planner.report(self.cfg, self.layout, budget):
+            log.info(line)
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} at step {self.step}")
         log.info(f"run dir: {self.run_dir}")
 
 
-    def log_memory(self, log: RunLog) -> None:
-        per_rank = self.strategy.memory(self.model, optimizer_slots(self.cfg.optim))
-        for held in per_rank:
-            log.info(f"memory rank {held['rank']}: parameters {mib(held['params'])}, gradients "
-                     f"{mib(held['grads'])}, optimizer state {mib(held['optimizer'])}")
+    def report_memory(self, log: RunLog) -> None:
+        """The plan next to what each rank held and the peak it reached; also memory.json."""
+        plan = planner.plan_memory(self.cfg, self.layout)[self.strategy.rank]
+        mine = {"rank": self.strategy.rank, "planned": plan.as_dict(), "held": self.held,
+                "measured_peak": self.peak_memory.bytes(), "measured_by": self.peak_memory.method}
+        everyone = self.strategy.gather(mine)
+        if not self.strategy.is_main:
+            return
+        for rank in everyone:
+            log.info(f"memory rank {rank['rank']}: peak {planner.gib(rank['measured_peak'])} "
+                     f"measured ({rank['measured_by']}), {planner.gib(rank['planned']['peak'])} "
+                     "planned")
+        (self.run_dir / "memory.json").write_text(json.dumps(everyone, indent=1) + "\n")
 
 
 def finite_or_none(value: float) -> float | None:

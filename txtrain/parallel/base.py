@@ -148,16 +148,6 @@ class SingleProcess:
         set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"], options=STATE_DICT_OPTIONS)
 
-    def memory(self, model: nn.Module, optimizer_slots: int) -> list[dict]:
-        """Bytes of parameters, gradients and optimizer state each rank holds, rank by rank.
-        Gradients match the parameters they belong to; optimizer state is ``optimizer_slots``
-        tensors of the same size per parameter (Adam's two moments, SGD's momentum)."""
-        params = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
-        trainable = sum(local_tensor(p).numel() * p.element_size()
-                        for p in model.parameters() if p.requires_grad)
-        return self.gather({"rank": self.rank, "params": params, "grads": trainable,
-                            "optimizer": optimizer_slots * trainable})
-
     def gather(self, obj: object) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
         if self.world_size == 1:
@@ -174,7 +164,3 @@ class SingleProcess:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of a (possibly sharded) tensor stored on this rank."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

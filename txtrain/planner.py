@@ -1,0 +1,397 @@
+"""The memory planner: what each rank will hold while training, from the config alone.
+
+Parameters, gradients and optimizer state are exact. The model is built on the meta device
+(shapes, no storage, so even gpt2-xl costs nothing) and each parameter is placed the way the
+strategy places it: whole on every rank (none, dp, ddp), cut into dim-0 chunks
+(``torch.chunk`` over the shard group, as FSDP2 does), or kept by the rank whose pipeline
+stage owns it.
+
+Activations are an estimate for one micro-batch at the task's longest sequence, from what each
+layer saves for backward (counted by hooking ``saved_tensors_hooks``, see the tests):
+
+- per block and token, in units of the width d and the activation size a (4 bytes in fp32,
+  2 under autocast): the residual stream twice in fp32 (8), the normalised inputs of the two
+  sub-layers (2a in fp32; 3a under autocast, which casts attention's input once for the
+  queries and once for keys and values), queries, keys and values (3a), the attention output
+  (a), and the feed-forward's hidden layer before and after its activation (2a x d_ff / d);
+  rope adds the rotated queries and keys (2a); dropout adds a mask per dropout layer;
+- attention weights, (heads x T x T) per sequence, wherever they are materialised: always for
+  ``impl=manual``, and for sdpa with dropout on a CPU (which falls back to the textbook maths,
+  in fp32);
+- with activation checkpointing only each block's input is kept, plus one block's worth while
+  it is recomputed;
+- at the loss, the fp32 log-probabilities and their gradient: about three (B, T, vocab) fp32
+  tensors at once.
+
+The peak is estimated as parameters + optimizer state + the larger of the forward/backward
+phase (activations, loss, gathered or cast weights, and the gradients when micro-batches
+accumulate into them) and the update (gradients plus the optimizer's temporaries, about one
+more copy of the gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from txtrain.config import Config, ConfigError, ModelConfig
+from txtrain.optim import optimizer_state_bytes
+
+GiB = 2**30
+FP32 = 4
+
+
+@dataclass
+class RankPlan:
+    """Bytes one rank will hold."""
+
+    rank: int
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int  # gathered FSDP units, DDP's gradient buckets, autocast's low-precision weights
+    activations: int  # saved for backward: one micro-batch (with the configured checkpointing)
+    activations_without_checkpointing: int
+    activations_with_checkpointing: int
+    loss: int  # logits, log-probabilities and their gradients
+    peak: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Layout:
+    """What the plan needs beyond the config: the run's shape on the hardware."""
+
+    world_size: int
+    vocab_size: int
+    seq_len: int  # the longest sequence a batch can hold
+    device_type: str  # cpu | cuda: where kernels differ in what they save
+
+
+def plan_memory(cfg: Config, layout: Layout) -> list[RankPlan]:
+    """A plan for every rank (they differ under uneven shards and pipeline stages)."""
+    model = meta_model(cfg.model, layout.vocab_size)
+    return [plan_rank(cfg, layout, model, rank) for rank in range(layout.world_size)]
+
+
+def meta_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    from txtrain.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg, vocab_size)
+
+
+def plan_rank(cfg: Config, layout: Layout, model: nn.Module, rank: int) -> RankPlan:
+    strategy = str(cfg.parallel.name)
+    world = layout.world_size
+    params = dict(model.named_parameters())  # a tied embedding appears once
+    local = {name: local_numel(name, p, strategy, cfg, world, rank) for name, p in params.items()
+             if strategy != "pipeline" or owned_by(name, cfg, world, rank)}
+    param_bytes = sum(n * params[name].element_size() for name, n in local.items())
+    trainable = {name: n for name, n in local.items() if params[name].requires_grad}
+    grad_bytes = sum(n * params[name].element_size() for name, n in trainable.items())
+    optimizer = optimizer_state_bytes(cfg.optim, [n * FP32 for n in trainable.values()])
+
+    blocks = rank_blocks(cfg, world, rank) if strategy == "pipeline" else list(model.blocks)
+    has_head = strategy != "pipeline" or rank == last_pipeline_rank(cfg, world)
+    micro, in_flight = micro_batch(cfg, world), micro_batches_in_flight(cfg, world, rank)
+    act_bytes = 4 if str(cfg.precision.name) == "fp32" else 2
+    shape = Activations(cfg.model, micro, layout.seq_len, act_bytes, layout.device_type)
+    without_ckpt = in_flight * shape.blocks(len(blocks), checkpointing=False)
+    with_ckpt = in_flight * shape.blocks(len(blocks), checkpointing=True)
+    activations = with_ckpt if cfg.model.activation_checkpointing else without_ckpt
+    loss = in_flight * shape.head(layout.vocab_size) if has_head else 0
+    buffers = buffer_bytes(cfg, model, blocks, has_head, world, grad_bytes)
+
+    accumulates = strategy == "pipeline" or accumulation(cfg, world) > 1
+    forward_backward = activations + loss + buffers + (grad_bytes if accumulates else 0)
+    update = 2 * grad_bytes + (grad_bytes if strategy == "ddp" else 0)
+    return RankPlan(rank, param_bytes, grad_bytes, optimizer, buffers, activations, without_ckpt,
+                    with_ckpt, loss, param_bytes + optimizer + max(forward_backward, update))
+
+
+# --- where parameters live ----------------------------------------------------------------------
+def local_numel(name: str, param: nn.Parameter, strategy: str, cfg: Config, world: int,
+                rank: int) -> int:
+    if strategy == "fsdp":
+        group = world // cfg.parallel.replicate
+        return shard_numel(param.shape, group, rank % group)
+    return param.numel()  # whole: on every rank, or on the pipeline stage that owns it
+
+
+def shard_numel(shape: torch.Size, group: int, index: int) -> int:
+    """FSDP2's shard of a parameter: chunk ``index`` of ``torch.chunk(param, group, dim=0)``
+    (chunks of ceil(rows / group) rows; the last ones shorter or empty)."""
+    rows = shape[0] if len(shape) else 1
+    per_row = shape[1:].numel() if len(shape) else 1
+    chunk = -(-rows // group)
+    return max(0, min(chunk, rows - index * chunk)) * per_row
+
+
+def owned_by(name: str, cfg: Config, world: int, rank: int) -> bool:
+    if name.startswith("blocks."):
+        return name.split(".")[1] in rank_blocks(cfg, world, rank)
+    if name.startswith(("token_embedding.", "positions.")):
+        return rank == 0
+    return rank == last_pipeline_rank(cfg, world)  # final norm, head
+
+
+def rank_blocks(cfg: Config, world: int, rank: int) -> list[str]:
+    from txtrain.parallel.pipeline import split_evenly
+
+    n_stages = world * cfg.parallel.stages_per_rank
+    stages = split_evenly([str(i) for i in range(cfg.model.n_layer)], n_stages)
+    return [name for stage in range(rank, n_stages, world) for name in stages[stage]]
+
+
+def last_pipeline_rank(cfg: Config, world: int) -> int:
+    return (world * cfg.parallel.stages_per_rank - 1) % world
+
+
+# --- batch shape ----------------------------------------------------------------------------
+def data_parallel_size(cfg: Config, world: int) -> int:
+    return 1 if str(cfg.parallel.name) in ("none", "dp", "pipeline") else world
+
+
+def micro_batch(cfg: Config, world: int) -> int:
+    """Sequences per forward pass on one rank (one pipeline micro-batch under pipeline)."""
+    if str(cfg.parallel.name) == "pipeline":
+        return max(1, cfg.train.batch_size // cfg.parallel.n_microbatches)
+    local = max(1, cfg.train.batch_size // data_parallel_size(cfg, world))
+    return min(local, cfg.train.micro_batch_size or local)
+
+
+def accumulation(cfg: Config, world: int) -> int:
+    local = max(1, cfg.train.batch_size // data_parallel_size(cfg, world))
+    return max(1, local // micro_batch(cfg, world))
+
+
+def micro_batches_in_flight(cfg: Config, world: int, rank: int) -> int:
+    """Micro-batches whose activations a rank holds at once: one, except in a pipeline, where
+    GPipe runs every forward before any backward and 1F1B keeps up to one per later stage."""
+    if str(cfg.parallel.name) != "pipeline":
+        return 1
+    n_micro = cfg.parallel.n_microbatches
+    if cfg.parallel.schedule == "gpipe":
+        return n_micro
+    return min(n_micro, world * cfg.parallel.stages_per_rank - rank)
+
+
+# --- activations --------------------------------------------------------------------------------
+@dataclass
+class Activations:
+    model: ModelConfig
+    batch: int
+    seq_len: int
+    act_bytes: int  # 4 in fp32, 2 under autocast
+    device_type: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def mask(self, dtype_bytes: int) -> int:
+        """Bytes per element of a saved dropout mask: bool on CUDA, the input's dtype on CPU."""
+        return 1 if self.device_type == "cuda" else dtype_bytes
+
+    def block(self) -> int:
+        """Saved for backward by one block, for one micro-batch."""
+        m, a, d = self.model, self.act_bytes, self.model.n_embd
+        cpu_fallback = m.impl == "sdpa" and m.dropout > 0 and self.device_type == "cpu"
+        materialised = m.impl == "manual" or cpu_fallback
+        inner = FP32 if cpu_fallback else a  # the CPU's sdpa fallback computes in fp32
+        normed = 2 * a if a == FP32 else 3 * a  # autocast casts attention's input twice (q, kv)
+        per_token = (2 * FP32 + normed + 3 * inner + a) * d + 2 * a * m.ffn_width
+        per_token += 2 * 2 * 2 * FP32  # two layer norms' mean and 1/std
+        if m.pos == "rope":
+            per_token += 2 * inner * d  # the rotated queries and keys
+        if m.dropout > 0:
+            per_token += 2 * self.mask(a) * d  # after attention and after the feed-forward
+        total = per_token * self.tokens
+        if materialised:
+            # The softmax output (fp32 under CUDA's autocast), dropout's mask and output, and
+            # the copy cast for the product with the values.
+            soft = FP32 if self.device_type == "cuda" or cpu_fallback else a
+            per_weight = soft + (self.mask(soft) + soft if m.dropout > 0 else 0)
+            per_weight += inner if soft != inner else 0
+            total += per_weight * self.batch * m.n_head * self.seq_len ** 2
+        else:
+            total += FP32 * self.batch * m.n_head * self.seq_len  # the fused kernel's logsumexp
+        return total
+
+    def blocks(self, n_blocks: int, checkpointing: bool) -> int:
+        if n_blocks == 0:
+            return 0
+        # In backward, the gradient through the widest layer, the feed-forward's hidden one.
+        working = self.act_bytes * self.model.ffn_width * self.tokens
+        if checkpointing:  # each block's input, plus one block rebuilt during backward
+            return n_blocks * FP32 * self.model.n_embd * self.tokens + self.block() + working
+        return n_blocks * self.block() + working
+
+    def head(self, vocab_size: int) -> int:
+        """The final norm's input and output, then the logits: at the loss's backward, the fp32
+        log-probabilities, their gradient and the logits' gradient exist at once."""
+        d = self.model.n_embd
+        return (FP32 + self.act_bytes) * d * self.tokens + 3 * FP32 * vocab_size * self.tokens
+
+
+# --- buffers ------------------------------------------------------------------------------------
+def buffer_bytes(cfg: Config, model: nn.Module, blocks: list[str], has_head: bool, world: int,
+                 grad_bytes: int) -> int:
+    """Memory that is neither a parameter shard nor an activation but lives through the step."""
+    strategy = str(cfg.parallel.name)
+    compute = 4 if str(cfg.precision.name) == "fp32" else 2
+    block_numel = max((numel(model.blocks[b]) for b in model.blocks), default=0)
+    if strategy == "fsdp":
+        # The root (embeddings, final norm, head) stays gathered from forward to backward; a
+        # block is gathered while it runs, the next one already being fetched; in backward a
+        # block's full gradients exist until they are reduce-scattered.
+        root = numel(model) - sum(numel(model.blocks[b]) for b in model.blocks)
+        return compute * (root + 2 * block_numel) + FP32 * (root + block_numel)
+    buffers = grad_bytes if strategy == "ddp" else 0  # DDP reduces gradients through buckets
+    if compute < 4:  # autocast keeps a low-precision copy of every matrix it multiplies
+        matrices = block_numel * (1 if cfg.model.activation_checkpointing else len(blocks))
+        if has_head:
+            matrices += model.head.weight.numel()
+        buffers += compute * matrices
+    return buffers
+
+
+def numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- what fits ----------------------------------------------------------------------------------
+def what_fits(cfg: Config, layout: Layout, budget: int, limit: int = 3) -> list[tuple[str, int]]:
+    """Up to ``limit`` changes (as overrides) that bring the busiest rank under ``budget``
+    bytes, the least intrusive first: checkpointing, bf16, then FSDP over more ranks, then
+    smaller micro-batches."""
+    found = []
+    for overrides, candidate, world in candidates(cfg, layout.world_size):
+        peak = max(p.peak for p in plan_memory(candidate, dataclasses.replace(layout, world_size=world)))
+        if peak <= budget:
+            found.append((" ".join(overrides), peak))
+            if len(found) == limit:
+                break
+    return found
+
+
+def candidates(cfg: Config, world: int):
+    ckpt = ["model.activation_checkpointing=true"]
+    bf16 = ["precision=bf16"]
+    options = [ckpt, bf16, bf16 + ckpt]
+    for ranks in (2, 4, 8, 16, 32, 64, 128, 256):
+        if ranks >= world:
+            options.append([f"parallel=fsdp (x{ranks} ranks)"] + bf16 + ckpt)
+    for overrides in options:
+        yield overrides, *changed(cfg, world, overrides)
+    for ranks in (8, 64, 256):
+        for micro in (8, 4, 2, 1):
+            overrides = [f"parallel=fsdp (x{ranks} ranks)", *bf16, *ckpt, f"train.micro_batch_size={micro}"]
+            yield overrides, *changed(cfg, world, overrides)
+
+
+def changed(cfg: Config, world: int, overrides: list[str]) -> tuple[Config, int]:
+    model, precision, parallel, train = cfg.model, cfg.precision, cfg.parallel, cfg.train
+    for override in overrides:
+        if override.startswith("model.activation_checkpointing"):
+            model = dataclasses.replace(model, activation_checkpointing=True)
+        elif override.startswith("precision="):
+            precision = dataclasses.replace(precision, name=override.split("=")[1])
+        elif override.startswith("parallel=fsdp"):
+            parallel = dataclasses.replace(parallel, name="fsdp", replicate=1)
+            world = int(override.split("x")[-1].split()[0])
+        elif override.startswith("train.micro_batch_size="):
+            train = dataclasses.replace(train, micro_batch_size=int(override.split("=")[1]))
+    return dataclasses.replace(cfg, model=model, precision=precision, parallel=parallel,
+                               train=train), world
+
+
+# --- report ---------------------------------------------------------------------------------------
+def busiest(plans: list[RankPlan]) -> RankPlan:
+    return max(plans, key=lambda p: p.peak)
+
+
+def describe(cfg: Config, layout: Layout, plans: list[RankPlan]) -> list[str]:
+    """The plan as lines for the log: the busiest rank's parts and its estimated peak."""
+    top = busiest(plans)
+    ckpt = "on" if cfg.model.activation_checkpointing else "off"
+    other = (top.activations_without_checkpointing if cfg.model.activation_checkpointing
+             else top.activations_with_checkpointing)
+    rank = f" (rank {top.rank}, the busiest)" if len(plans) > 1 else ""
+    return [
+        f"memory plan per rank{rank}: {cfg.parallel.name} x{layout.world_size}, "
+        f"{cfg.precision.name}, checkpointing {ckpt}, micro-batch {micro_batch(cfg, layout.world_size)}"
+        f" x {layout.seq_len} tokens",
+        f"  parameters {gib(top.params)}, gradients {gib(top.grads)}, optimizer state "
+        f"{gib(top.optimizer)}, buffers {gib(top.buffers)}",
+        f"  activations {gib(top.activations)} (checkpointing {'off' if ckpt == 'on' else 'on'}: "
+        f"{gib(other)}), loss {gib(top.loss)}",
+        f"  estimated peak {gib(top.peak)}",
+    ]
+
+
+def verdict(cfg: Config, layout: Layout, plans: list[RankPlan], device_memory_gb: float) -> list[str]:
+    budget = int(device_memory_gb * GiB)
+    peak = busiest(plans).peak
+    if peak <= budget:
+        return [f"fits in {device_memory_gb:g} GiB per device ({100 * peak / budget:.0f}% used)"]
+    lines = [f"does not fit in {device_memory_gb:g} GiB per device (needs about {gib(peak)})"]
+    fits = what_fits(cfg, layout, budget)
+    if not fits:
+        return lines + ["  nothing tried fits: a smaller model or sequence length, or more memory"]
+    return lines + ["what would fit:"] + [f"  {overrides}: {gib(peak)}" for overrides, peak in fits]
+
+
+def gib(n_bytes: int) -> str:
+    if n_bytes >= GiB:
+        return f"{n_bytes / GiB:.2f} GiB"
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def check_world_size(cfg: Config, world: int) -> None:
+    strategy = str(cfg.parallel.name)
+    if strategy == "pipeline" and world < 2:
+        raise ConfigError("parallel=pipeline needs 2 or more ranks: set plan.world_size")
+    if strategy == "pipeline" and cfg.model.n_layer < world * cfg.parallel.stages_per_rank:
+        raise ConfigError(f"parallel=pipeline needs at least one block per stage: "
+                          f"model.n_layer={cfg.model.n_layer} < {world * cfg.parallel.stages_per_rank} stages")
+    if strategy == "fsdp" and world % cfg.parallel.replicate:
+        raise ConfigError(f"parallel.replicate={cfg.parallel.replicate} does not divide "
+                          f"plan.world_size={world}")
+
+
+def report(cfg: Config, layout: Layout, device_memory_gb: float | None) -> list[str]:
+    plans = plan_memory(cfg, layout)
+    lines = describe(cfg, layout, plans)
+    if device_memory_gb:
+        lines += verdict(cfg, layout, plans, device_memory_gb)
+    return lines
+
+
+def plan_only(cfg: Config) -> list[str]:
+    """``plan=true``: the report for the configured run, without building anything real."""
+    import os
+
+    from txtrain.parallel.base import pick_device
+    from txtrain.tasks import build_task
+
+    single = str(cfg.parallel.name) in ("none", "dp")
+    world = 1 if single else (cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", 0))
+                              or cfg.launch.nproc_per_node)
+    check_world_size(cfg, world)
+    task = build_task(cfg.task, cfg.seed)
+    device = pick_device(cfg.device)
+    layout = Layout(world, task.vocab_size, task.max_seq_len, device.type)
+    return report(cfg, layout, cfg.plan.device_memory_gb or device_memory_gb(device))
+
+
+def device_memory_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / GiB
