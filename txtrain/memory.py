@@ -4,7 +4,8 @@ The planner (``planner.py``) predicts; this module checks. ``held_bytes`` counts
 themselves (this rank's shards of sharded ones). ``PeakMemory`` follows the training steps'
 peak: on CUDA the caching allocator's ``max_memory_allocated``; on a CPU the process's peak
 resident size (VmHWM) above what it held before the model was built, which also counts
-allocator slack and the libraries' own buffers.
+allocator slack and what the libraries set up on first use (tens of MB: kernels, thread
+pools). ``scripts/memory_table.py`` reads a CPU allocator's own peak from a memory profile.
 """
 
 from __future__ import annotations
@@ -34,27 +35,6 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
         "optimizer": sum(tensor_bytes(value) for state in optimizer.state.values()
                          for value in state.values() if isinstance(value, torch.Tensor)),
     }
-
-
-def warm_up(model_cfg, autocast) -> None:
-    """Train a throwaway miniature of the model for one step. The first forward, backward and
-    update map kernels and start thread pools (about 90 MB of a CPU process); done before
-    the baseline is taken, that is not mistaken for the run's memory."""
-    import dataclasses
-
-    import torch.nn.functional as F
-
-    from txtrain.model import Transformer
-
-    tiny = dataclasses.replace(model_cfg, n_layer=1, n_head=2, n_embd=16, d_ff=None,
-                               max_seq_len=8, activation_checkpointing=False)
-    model = Transformer(tiny, vocab_size=10)
-    optimizer = torch.optim.AdamW(model.parameters())
-    tokens = torch.randint(0, 10, (2, 8))
-    with autocast:
-        logits = model(tokens)
-    F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
-    optimizer.step()
 
 
 class PeakMemory:

@@ -250,9 +250,9 @@ def buffer_bytes(cfg: Config, model: nn.Module, blocks: list[str], has_head: boo
     if strategy == "fsdp":
         # The root (embeddings, final norm, head) stays gathered from forward to backward; a
         # block is gathered while it runs, the next one already being fetched; in backward a
-        # block's full gradients exist until they are reduce-scattered.
+        # block's full gradients exist, and a flat copy of them to reduce-scatter.
         root = numel(model) - sum(numel(model.blocks[b]) for b in model.blocks)
-        return compute * (root + 2 * block_numel) + FP32 * (root + block_numel)
+        return compute * (root + 2 * block_numel) + FP32 * (root + 2 * block_numel)
     buffers = grad_bytes if strategy == "ddp" else 0  # DDP reduces gradients through buckets
     if compute < 4:  # autocast keeps a low-precision copy of every matrix it multiplies
         matrices = block_numel * (1 if cfg.model.activation_checkpointing else len(blocks))

@@ -24,7 +24,7 @@ from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.metrics import RunLog
 from txtrain.model import Transformer
-from txtrain.memory import PeakMemory, held_bytes, warm_up
+from txtrain.memory import PeakMemory, held_bytes
 from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
 from txtrain import planner
@@ -42,8 +42,6 @@ class Trainer:
         self.device = self.strategy.device
         self.micro_batch_size = self.strategy.micro_batch_size(cfg.train.batch_size,
                                                                cfg.train.micro_batch_size)
-        if self.device.type == "cpu":  # CUDA counts allocations; a CPU, the whole process
-            warm_up(cfg.model, Precision(cfg.precision, self.device).autocast())
         self.peak_memory = PeakMemory(self.device)  # before the model: its baseline
         self.layout = planner.Layout(self.strategy.world_size, self.task.vocab_size,
                                      self.task.max_seq_len, self.device.type)
