@@ -18,15 +18,14 @@ layer saves for backward (counted by hooking ``saved_tensors_hooks``, see the te
 - attention weights, (heads x T x T) per sequence, wherever they are materialised: always for
   ``impl=manual``, and for sdpa with dropout on a CPU (which falls back to the textbook maths,
   in fp32);
-- with activation checkpointing only each block's input is kept, plus one block's worth while
-  it is recomputed;
+- with activation checkpointing only each block's input is kept, plus about two blocks'
+  worth while one is recomputed;
 - at the loss, the fp32 log-probabilities and their gradient: about three (B, T, vocab) fp32
   tensors at once.
 
 The peak is estimated as parameters + optimizer state + the larger of the forward/backward
 phase (activations, loss, gathered or cast weights, and the gradients when micro-batches
-accumulate into them) and the update (gradients plus the optimizer's temporaries, about one
-more copy of the gradients).
+accumulate into them) and the update (gradients plus the optimizer's temporaries).
 """
 
 from __future__ import annotations
@@ -110,7 +109,10 @@ def plan_rank(cfg: Config, layout: Layout, model: nn.Module, rank: int) -> RankP
 
     accumulates = strategy == "pipeline" or accumulation(cfg, world) > 1
     forward_backward = activations + loss + buffers + (grad_bytes if accumulates else 0)
-    update = 2 * grad_bytes + (grad_bytes if strategy == "ddp" else 0)
+    # The update: gradients, DDP's buckets, and Adam's per-tensor temporaries (on a CPU it
+    # updates one tensor at a time; on CUDA the fused kernel needs none).
+    largest = max((n * FP32 for n in trainable.values()), default=0)
+    update = grad_bytes + (grad_bytes if strategy == "ddp" else 0) + 2 * largest
     return RankPlan(rank, param_bytes, grad_bytes, optimizer, buffers, activations, without_ckpt,
                     with_ckpt, loss, param_bytes + optimizer + max(forward_backward, update))
 
@@ -229,8 +231,10 @@ class Activations:
             return 0
         # In backward, the gradient through the widest layer, the feed-forward's hidden one.
         working = self.act_bytes * self.model.ffn_width * self.tokens
-        if checkpointing:  # each block's input, plus one block rebuilt during backward
-            return n_blocks * FP32 * self.model.n_embd * self.tokens + self.block() + working
+        if checkpointing:  # each block's input, plus two blocks' worth during backward (the
+            # one being rebuilt, and what the one after it still holds)
+            return (n_blocks * FP32 * self.model.n_embd * self.tokens
+                    + min(2, n_blocks) * self.block() + working)
         return n_blocks * self.block() + working
 
     def head(self, vocab_size: int) -> int:

@@ -39,8 +39,17 @@ class Block(nn.Module):
                                        cfg.impl, rotary)
         self.ffn_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.ffn = FeedForward(cfg)
+        self.checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training:
+            # Keep only the block's input; rerun the body in backward (with the same dropout
+            # masks). Inside forward, so that a wrapper's hooks on the block (FSDP gathering
+            # its weights) run once, outside the recomputed part.
+            return checkpoint(self.body, x, use_reentrant=False)
+        return self.body(x)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x))
             return x + self.ffn(self.ffn_norm(x))
@@ -100,11 +109,7 @@ class Transformer(nn.Module):
         # the last): it takes and gives hidden states instead of tokens and logits.
         x = self.embed(idx) if self.token_embedding is not None else idx
         for block in self.blocks.values():
-            if self.cfg.activation_checkpointing and self.training:
-                # Keep only the block's input; rerun it in backward (with the same dropout masks).
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
         return self.logits(x) if self.head is not None else x
 
     def num_parameters(self) -> int:
