@@ -290,7 +290,7 @@ def candidates(cfg: Config, world: int):
     bf16 = ["precision=bf16"]
     options = [ckpt, bf16, bf16 + ckpt]
     for ranks in (2, 4, 8, 16, 32, 64, 128, 256):
-        if ranks >= world:
+        if ranks > world or (ranks == world and str(cfg.parallel.name) != "fsdp"):
             options.append([f"parallel=fsdp (x{ranks} ranks)"] + bf16 + ckpt)
     for overrides in options:
         yield overrides, *changed(cfg, world, overrides)
