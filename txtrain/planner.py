@@ -370,8 +370,8 @@ def check_world_size(cfg: Config, world: int) -> None:
                           f"plan.world_size={world}")
 
 
-def report(cfg: Config, layout: Layout, device_memory_gb: float | None) -> list[str]:
-    plans = plan_memory(cfg, layout)
+def report(cfg: Config, layout: Layout, plans: list[RankPlan],
+           device_memory_gb: float | None) -> list[str]:
     lines = describe(cfg, layout, plans)
     if device_memory_gb:
         lines += verdict(cfg, layout, plans, device_memory_gb)
@@ -392,7 +392,8 @@ def plan_only(cfg: Config) -> list[str]:
     task = build_task(cfg.task, cfg.seed)
     device = pick_device(cfg.device)
     layout = Layout(world, task.vocab_size, task.max_seq_len, device.type)
-    return report(cfg, layout, cfg.plan.device_memory_gb or device_memory_gb(device))
+    return report(cfg, layout, plan_memory(cfg, layout),
+                  cfg.plan.device_memory_gb or device_memory_gb(device))
 
 
 def device_memory_gb(device: torch.device) -> float | None:

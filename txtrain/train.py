@@ -24,10 +24,10 @@ from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.metrics import RunLog
 from txtrain.model import Transformer
+from txtrain import planner
 from txtrain.memory import PeakMemory, held_bytes
 from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
-from txtrain import planner
 from txtrain.precision import Precision
 from txtrain.tasks import IGNORE_INDEX, Batch, Task, build_task
 
@@ -45,6 +45,7 @@ class Trainer:
         self.peak_memory = PeakMemory(self.device)  # before the model: its baseline
         self.layout = planner.Layout(self.strategy.world_size, self.task.vocab_size,
                                      self.task.max_seq_len, self.device.type)
+        self.plans = planner.plan_memory(cfg, self.layout)  # every rank's
         self.held: dict | None = None  # bytes of the model and optimizer, after the first update
         seed_everything(cfg.seed)  # every rank builds the same initial weights
         model = Transformer(cfg.model, self.task.vocab_size)
@@ -218,17 +219,15 @@ class Trainer:
                  f"batch {train.batch_size} = {self.micro_batch_size} x {accumulation} accumulation"
                  f" x {self.strategy.data_parallel_size} ranks, {train.steps} steps")
         budget = self.cfg.plan.device_memory_gb or planner.device_memory_gb(self.device)
-        for line in planner.report(self.cfg, self.layout, budget):
+        for line in planner.report(self.cfg, self.layout, self.plans, budget):
             log.info(line)
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} at step {self.step}")
         log.info(f"run dir: {self.run_dir}")
 
-
     def report_memory(self, log: RunLog) -> None:
         """The plan next to what each rank held and the peak it reached; also memory.json."""
-        plan = planner.plan_memory(self.cfg, self.layout)[self.strategy.rank]
-        mine = {"rank": self.strategy.rank, "planned": plan.as_dict(), "held": self.held,
+        mine = {"rank": self.strategy.rank, "planned": self.plans[self.strategy.rank].as_dict(), "held": self.held,
                 "measured_peak": self.peak_memory.bytes(), "measured_by": self.peak_memory.method}
         everyone = self.strategy.gather(mine)
         if not self.strategy.is_main:
@@ -243,10 +242,6 @@ class Trainer:
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity: a non-finite number is written as null."""
     return value if math.isfinite(value) else None
-
-
-def mib(n_bytes: int) -> str:
-    return f"{n_bytes / 2**20:.2f} MiB"
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:
