@@ -31,6 +31,7 @@ accumulate into them) and the update (gradients plus the optimizer's temporaries
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -279,41 +280,40 @@ def what_fits(cfg: Config, layout: Layout, budget: int, limit: int = 3) -> list[
     for overrides, candidate, world in candidates(cfg, layout.world_size):
         peak = max(p.peak for p in plan_memory(candidate, dataclasses.replace(layout, world_size=world)))
         if peak <= budget:
-            found.append((" ".join(overrides), peak))
+            found.append((overrides, peak))
             if len(found) == limit:
                 break
     return found
 
 
 def candidates(cfg: Config, world: int):
-    ckpt = ["model.activation_checkpointing=true"]
-    bf16 = ["precision=bf16"]
-    options = [ckpt, bf16, bf16 + ckpt]
-    for ranks in (2, 4, 8, 16, 32, 64, 128, 256):
-        if ranks > world or (ranks == world and str(cfg.parallel.name) != "fsdp"):
-            options.append([f"parallel=fsdp (x{ranks} ranks)"] + bf16 + ckpt)
-    for overrides in options:
-        yield overrides, *changed(cfg, world, overrides)
-    for ranks in (8, 64, 256):
-        for micro in (8, 4, 2, 1):
-            overrides = [f"parallel=fsdp (x{ranks} ranks)", *bf16, *ckpt, f"train.micro_batch_size={micro}"]
-            yield overrides, *changed(cfg, world, overrides)
+    """(overrides, config, world size) to try, the least intrusive first."""
+    more_ranks = [n for n in (2, 4, 8, 16, 32, 64, 128, 256)
+                  if n > world or (n == world and str(cfg.parallel.name) != "fsdp")]
+    options = [dict(ckpt=True), dict(bf16=True), dict(bf16=True, ckpt=True)]
+    options += [dict(ranks=n, bf16=True, ckpt=True) for n in more_ranks]
+    options += [dict(ranks=n, bf16=True, ckpt=True, micro=m) for n in (8, 64, 256) for m in (8, 4, 2, 1)]
+    for option in options:
+        yield variant(cfg, world, **option)
 
 
-def changed(cfg: Config, world: int, overrides: list[str]) -> tuple[Config, int]:
-    model, precision, parallel, train = cfg.model, cfg.precision, cfg.parallel, cfg.train
-    for override in overrides:
-        if override.startswith("model.activation_checkpointing"):
-            model = dataclasses.replace(model, activation_checkpointing=True)
-        elif override.startswith("precision="):
-            precision = dataclasses.replace(precision, name=override.split("=")[1])
-        elif override.startswith("parallel=fsdp"):
-            parallel = dataclasses.replace(parallel, name="fsdp", replicate=1)
-            world = int(override.split("x")[-1].split()[0])
-        elif override.startswith("train.micro_batch_size="):
-            train = dataclasses.replace(train, micro_batch_size=int(override.split("=")[1]))
-    return dataclasses.replace(cfg, model=model, precision=precision, parallel=parallel,
-                               train=train), world
+def variant(cfg: Config, world: int, ranks: int | None = None, bf16: bool = False,
+            ckpt: bool = False, micro: int | None = None) -> tuple[str, Config, int]:
+    overrides, changes = [], {}
+    if ranks:
+        overrides.append(f"parallel=fsdp (x{ranks} ranks)")
+        changes["parallel"] = dataclasses.replace(cfg.parallel, name="fsdp", replicate=1)
+        world = ranks
+    if bf16:
+        overrides.append("precision=bf16")
+        changes["precision"] = dataclasses.replace(cfg.precision, name="bf16")
+    if ckpt:
+        overrides.append("model.activation_checkpointing=true")
+        changes["model"] = dataclasses.replace(cfg.model, activation_checkpointing=True)
+    if micro:
+        overrides.append(f"train.micro_batch_size={micro}")
+        changes["train"] = dataclasses.replace(cfg.train, micro_batch_size=micro)
+    return " ".join(overrides), dataclasses.replace(cfg, **changes), world
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -380,8 +380,6 @@ def report(cfg: Config, layout: Layout, plans: list[RankPlan],
 
 def plan_only(cfg: Config) -> list[str]:
     """``plan=true``: the report for the configured run, without building anything real."""
-    import os
-
     from txtrain.parallel.base import pick_device
     from txtrain.tasks import build_task
 
