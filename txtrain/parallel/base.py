@@ -162,5 +162,7 @@ class SingleProcess:
 
     def close(self) -> None:
         if dist.is_initialized():
+            # No rank tears its connections down while a peer may still be using them.
+            dist.barrier()
             dist.destroy_process_group()
 
