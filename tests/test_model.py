@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,14 +87,17 @@ def test_rope_depends_only_on_relative_position():
 def test_tied_embeddings_share_one_matrix_and_count_once():
     tied, untied = build(tie_embeddings=True), build(tie_embeddings=False)
     assert tied.head.weight is tied.token_embedding.weight
-    assert untied.num_parameters() - tied.num_parameters() == VOCAB * 32
+    rows = tied.token_embedding.num_embeddings
+    assert untied.num_parameters() - tied.num_parameters() == rows * 32
 
 
 def test_padded_vocabulary_never_reaches_the_logits():
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=32)
-    model = Transformer(cfg, vocab_size=13, padded_vocab_size=64)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=32, vocab_multiple=64)
+    model = Transformer(cfg, vocab_size=13)
     assert model.token_embedding.num_embeddings == 64
     assert model(tokens(length=5) % 13).shape[-1] == 13
+    unpadded = Transformer(dataclasses.replace(cfg, vocab_multiple=1), vocab_size=13)
+    assert unpadded.token_embedding.num_embeddings == 13
 
 
 def test_learned_positions_refuse_sequences_past_their_table():
@@ -108,7 +113,7 @@ def test_other_schemes_accept_sequences_past_max_seq_len(pos):
 
 @pytest.mark.parametrize("preset,expected", [("gpt2", 124_439_808), ("gpt2-xl", 1_557_611_200)])
 def test_gpt2_presets_have_the_published_sizes(config, preset, expected):
-    cfg = config(f"model={preset}").model
+    cfg = config(f"model={preset}", "model.vocab_multiple=1").model  # as published: 50257 rows
     with torch.device("meta"):
         model = Transformer(cfg, vocab_size=50257)
     assert model.num_parameters() == expected

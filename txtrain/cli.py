@@ -83,7 +83,7 @@ def run(raw: DictConfig) -> dict:
 
 def summary_line(summary: dict, run_dir: Path) -> str:
     parts = [f"done: step {summary['step']}", f"loss {summary['loss']:.4f}"]
-    for key in ("exact_match", "val_loss", "eval_loss"):
+    for key in ("exact_match", "val_loss", "perplexity", "eval_loss"):
         if key in summary:
             parts.append(f"{key} {summary[key]:.4f}")
     parts.append(f"{summary['seconds']:.1f}s")

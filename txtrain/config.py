@@ -115,10 +115,12 @@ class ModelConfig:
     impl: AttentionImpl = AttentionImpl.sdpa
     rope_base: float = 10000.0
     activation_checkpointing: bool = False  # keep only block inputs; recompute the rest in backward
+    vocab_multiple: int = 64  # pad the embedding rows to a multiple (matmul-friendly); never in the loss
 
     def __post_init__(self) -> None:
         require_positive("model", n_layer=self.n_layer, n_head=self.n_head,
-                         n_embd=self.n_embd, max_seq_len=self.max_seq_len)
+                         n_embd=self.n_embd, max_seq_len=self.max_seq_len,
+                         vocab_multiple=self.vocab_multiple)
         require(self.n_embd % self.n_head == 0,
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 "choose a width that is a multiple of the number of heads")
@@ -170,6 +172,41 @@ class SyntheticTaskConfig(TaskConfig):
         lo = self.min_len if self.eval_min_len is None else self.eval_min_len
         hi = self.max_len if self.eval_max_len is None else self.eval_max_len
         return lo, hi
+
+
+@dataclass
+class CorpusConfig:
+    path: Optional[str] = None  # a .txt file or a folder of them (searched recursively)
+    url: Optional[str] = None  # where to fetch one .txt file when there is no local copy
+    sha256: Optional[str] = None  # the download's checksum, verified before it is used
+
+
+@dataclass
+class TextTaskConfig(TaskConfig):
+    """Next-token prediction on a text corpus, read as random windows of ``seq_len`` tokens."""
+
+    name: str = "text"
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: str = "gpt2"  # gpt2 or another tiktoken encoding | bytes | char
+    tokenizer_file: Optional[str] = None  # local .tiktoken ranks (offline machines)
+    seq_len: int = 256
+    val_fraction: float = 0.05  # held out from the end of the corpus
+    eval_tokens: Optional[int] = None  # validate on at most this many tokens; None: all of them
+    cache_dir: Optional[str] = None  # token cache; None: $TXTRAIN_CACHE or ~/.cache/txtrain
+    prompts: list[str] = field(default_factory=lambda: ["\n"])  # for samples.txt at each eval
+    sample_tokens: int = 200
+    temperature: float = 0.8  # 0: always the likeliest token
+    top_k: Optional[int] = 40
+
+    def __post_init__(self) -> None:
+        require_positive("task", seq_len=self.seq_len)
+        require(self.temperature >= 0, "task.temperature must not be negative (0: greedy)")
+        require(0 < self.val_fraction < 1, f"task.val_fraction must be in (0, 1), got {self.val_fraction}")
+        require(self.sample_tokens >= 0, "task.sample_tokens must not be negative")
+        if self.top_k is not None:
+            require_positive("task", top_k=self.top_k)
+        if self.eval_tokens is not None:
+            require_positive("task", eval_tokens=self.eval_tokens)
 
 
 @dataclass
@@ -316,3 +353,4 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="txtrain_schema", node=Config)
     store.store(group="schema/task", name="synthetic", node=SyntheticTaskConfig)
+    store.store(group="schema/task", name="text", node=TextTaskConfig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -32,3 +34,48 @@ def greedy_exact_match(model: nn.Module, prompts: list[list[int]], answers: list
         generated = greedy_decode(model, batch, longest).tolist()
         correct += sum(generated[k][: len(answers[i])] == answers[i] for k, i in enumerate(rows))
     return correct / len(prompts)
+
+
+NextLogits = Callable[[torch.Tensor], torch.Tensor]  # inputs (1, T) -> next-token logits (1, V)
+
+
+@torch.no_grad()
+def sample(next_logits: NextLogits, prompt: list[int], max_new_tokens: int,
+           temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None, context: int | None = None,
+           stop: int | None = None) -> list[int]:
+    """Continue ``prompt`` one token at a time: softmax(logits / temperature) over the ``top_k``
+    likeliest tokens (temperature 0: the likeliest). The model sees at most the last ``context``
+    tokens. Stops early at ``stop``, which is not returned. The draw happens on the CPU with
+    ``generator``, so a seed gives the same text on any device."""
+    ids, new = list(prompt), []
+    for _ in range(max_new_tokens):
+        window = ids[-context:] if context else ids
+        logits = next_logits(torch.tensor([window], dtype=torch.long))[0].float().cpu()
+        token = pick(logits, temperature, top_k, generator)
+        if token == stop:
+            break
+        ids.append(token)
+        new.append(token)
+    return new
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int | None,
+         generator: torch.Generator | None) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth_best = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def complete(next_logits: NextLogits, codec, prompt: str, sampling, seed: int,
+             context: int | None = None) -> str:
+    """``prompt`` and its continuation as text, drawn with its own generator (seeded from
+    ``seed``), so sampling never moves the training's random streams."""
+    generator = torch.Generator().manual_seed(seed)
+    new = sample(next_logits, codec.encode(prompt), sampling.max_new_tokens, sampling.temperature,
+                 sampling.top_k, generator, context, stop=codec.end_of_text)
+    return codec.decode(new)

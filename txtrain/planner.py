@@ -387,7 +387,7 @@ def plan_only(cfg: Config) -> list[str]:
     world = 1 if single else (cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", 0))
                               or cfg.launch.nproc_per_node)
     check_world_size(cfg, world)
-    task = build_task(cfg.task, cfg.seed)
+    task = build_task(cfg.task, cfg.seed, cfg.progress)
     device = pick_device(cfg.device)
     layout = Layout(world, task.vocab_size, task.max_seq_len, device.type)
     return report(cfg, layout, plan_memory(cfg, layout),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_meta, load_state,
                                 restore_rng)
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
+from txtrain.generate import complete
 from txtrain.metrics import RunLog
 from txtrain.model import Transformer
 from txtrain import planner
@@ -36,7 +37,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task: Task = build_task(cfg.task, cfg.seed)
+        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress)
         check_model_fits_task(cfg.model, self.task)
         self.strategy = build_strategy(cfg, self.task.max_seq_len)
         self.device = self.strategy.device
@@ -169,10 +170,26 @@ class Trainer:
         with self.precision.autocast():
             results = self.strategy.evaluate(
                 self.model, lambda forward: self.task.evaluate(forward, self.cfg.train.eval_batch_size))
+            samples = self.generate_samples()
         self.model.train()
         self.last_eval = {"step": self.step, **results}
         log.eval(self.last_eval)
+        if samples and self.strategy.is_main:
+            with (self.run_dir / "samples.txt").open("a", encoding="utf-8") as out:
+                out.write(f"=== step {self.step} ===\n")
+                for prompt, text in samples:
+                    out.write(f"--- prompt {prompt!r} ---\n{prompt}{text}\n")
         return self.last_eval
+
+    def generate_samples(self) -> list[tuple[str, str]]:
+        """The task's sampling prompts and their continuations (every rank draws the same)."""
+        sampling = self.task.sampling
+        if sampling is None:
+            return []
+        return self.strategy.generate(self.model, lambda next_logits: [
+            (prompt, complete(next_logits, self.task.codec, prompt, sampling, self.cfg.seed + i,
+                              context=self.task.max_seq_len))
+            for i, prompt in enumerate(sampling.prompts)])
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
@@ -186,6 +203,7 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "model_config": plain(self.cfg.model),
             "vocab_size": self.task.vocab_size,
+            "codec": self.task.codec.state(),  # sampling needs no data, only the checkpoint
         }
         self.checkpoints.save(self.step, self.strategy.state_dict(self.model, self.optimizer), meta)
 

@@ -60,16 +60,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """GPT: logits for the next token at every position of ``idx`` (B, T) -> (B, T, V).
 
-    ``vocab_size`` is the task's vocabulary; the embedding may be padded to
-    ``padded_vocab_size`` (a multiple of 64 is friendlier to matmul kernels). Padded rows are
+    ``vocab_size`` is the task's vocabulary; the embedding is padded to a multiple of
+    ``cfg.vocab_multiple`` rows (50257 -> 50304: friendlier to matmul kernels). Padded rows are
     sliced off the logits, so they never touch the loss.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, padded_vocab_size: int | None = None):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        table_size = max(vocab_size, padded_vocab_size or vocab_size)
+        table_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
         self.token_embedding = nn.Embedding(table_size, cfg.n_embd)
         self.positions = make_additive_positions(cfg)
         rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
@@ -104,13 +104,17 @@ class Transformer(nn.Module):
             logits = logits[..., : self.vocab_size]
         return logits
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); with ``last_only``, those of the last position only, (B, V):
+        sampling needs no more, and the head is the costliest matmul of a small model."""
         # A pipeline stage lacks the embedding (all but the first stage) or the head (all but
         # the last): it takes and gives hidden states instead of tokens and logits.
         x = self.embed(idx) if self.token_embedding is not None else idx
         for block in self.blocks.values():
             x = block(x)
-        return self.logits(x) if self.head is not None else x
+        if self.head is None:
+            return x
+        return self.logits(x[:, -1] if last_only else x)
 
     def num_parameters(self) -> int:
         """Distinct trainable parameters (a tied embedding counts once)."""

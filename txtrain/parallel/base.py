@@ -27,6 +27,7 @@ from txtrain.tasks.base import Batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> loss
 Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
+NextLogits = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> last position's logits (B, V)
 # Keys by parameter name, so the optimizer state of any layout loads into any other.
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -135,6 +136,11 @@ class SingleProcess:
     def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
         """``run(forward)`` evaluates a task through ``forward``; every rank gets the results."""
         return run(lambda inputs: model(inputs.to(self.device)))
+
+    def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
+        """``run(next_logits)`` samples through ``next_logits`` (the logits of the last position
+        only); every rank must draw the same tokens."""
+        return run(lambda inputs: model(inputs.to(self.device), last_only=True))
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

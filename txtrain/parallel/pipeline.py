@@ -21,7 +21,7 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
 
 from txtrain.config import ConfigError, ParallelConfig
 from txtrain.distributed import require_launched
-from txtrain.parallel.base import Forward, LossFn, SingleProcess
+from txtrain.parallel.base import Forward, LossFn, NextLogits, SingleProcess
 from txtrain.precision import Precision
 from txtrain.tasks.base import IGNORE_INDEX, PAD, Batch
 
@@ -147,6 +147,23 @@ class Pipeline(SingleProcess):
         results = [run(forward)]
         dist.broadcast_object_list(results, src=self.last_rank, device=torch.device("cpu"))
         return results[0]
+
+    def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
+        """The last stage's next-token logits go to every rank, so that all draw the same
+        token and the first stage feeds the right one back in."""
+        def next_logits(inputs: torch.Tensor) -> torch.Tensor:
+            rows, length = inputs.shape
+            padded = nn.functional.pad(inputs, (0, self.seq_len - length,
+                                                0, -rows % self.cfg.n_microbatches), value=PAD)
+            logits = self.run(self.eval_schedule, padded.to(self.device))
+            if self.is_last:
+                last = logits[:rows, length - 1].float().contiguous()
+            else:
+                last = torch.empty(rows, self.vocab_size, device=self.device)
+            dist.broadcast(last, src=self.last_rank)
+            return last
+
+        return run(next_logits)
 
 
 def split_evenly(names: list[str], parts: int) -> list[list[str]]:

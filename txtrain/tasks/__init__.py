@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-from txtrain.config import SyntheticTaskConfig
-from txtrain.tasks.base import IGNORE_INDEX, Batch, Task
+from txtrain.config import SyntheticTaskConfig, TextTaskConfig
+from txtrain.tasks.base import IGNORE_INDEX, Batch, Codec, Sampling, Task
 
 
-def build_task(cfg, seed: int) -> Task:
+def build_task(cfg, seed: int, progress: bool = True) -> Task:
     if isinstance(cfg, SyntheticTaskConfig):
         from txtrain.tasks.synthetic import SyntheticTask
 
         return SyntheticTask(cfg, seed)
+    if isinstance(cfg, TextTaskConfig):
+        from txtrain.tasks.text import TextTask
+
+        return TextTask(cfg, seed, progress)
     raise TypeError(f"no task implements config {type(cfg).__name__}")
 
 
-__all__ = ["IGNORE_INDEX", "Batch", "Task", "build_task"]
+def codec_from_checkpoint(meta: dict, tokenizer_file: str | None = None) -> Codec:
+    """The codec a checkpoint's task used, rebuilt without its data."""
+    state = meta.get("codec")
+    if state is None:
+        raise ValueError("this checkpoint does not record its task's tokenizer (written by an "
+                         "older txtrain); retrain, or resume it for a step to save a new one")
+    if state["kind"] == "synthetic":
+        from txtrain.tasks.synthetic import SyntheticTask
+
+        return SyntheticTask(SyntheticTaskConfig(**state["config"]), seed=0).codec
+    from txtrain.tasks.tokenizers import from_state
+
+    return from_state(state, tokenizer_file)
+
+
+__all__ = ["IGNORE_INDEX", "Batch", "Codec", "Sampling", "Task", "build_task", "codec_from_checkpoint"]

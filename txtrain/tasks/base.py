@@ -52,9 +52,34 @@ def collate(pairs: list[tuple[list[int], list[int]]]) -> Batch:
 Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> logits (B, T, V)
 
 
+class Codec(Protocol):
+    """Text <-> token ids, for prompts and generations (a text task's tokenizer)."""
+
+    end_of_text: int | None  # a generation stops at this token
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def state(self) -> dict:
+        """What rebuilds the codec without the data (kept in checkpoints)."""
+
+
+@dataclass
+class Sampling:
+    """Generations written to samples.txt at every evaluation."""
+
+    prompts: list[str]
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None
+
+
 class Task(Protocol):
     vocab_size: int
     max_seq_len: int  # the longest input the task will ever feed the model
+    codec: Codec
+    sampling: Sampling | None  # None: no samples.txt
 
     def describe(self) -> str: ...
 

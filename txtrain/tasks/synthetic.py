@@ -37,6 +37,8 @@ class SyntheticTask:
         self.max_seq_len = len(self.sequence(self.draw_prompt(random.Random(0), longest))) - 1
         self.held_out = self.make_held_out()
         self.held_out_prompts = {tuple(p) for p in self.held_out}
+        self.codec = SyntheticCodec(self)
+        self.sampling = None  # exact match says it all; `txtrain-sample` shows answers
 
     def describe(self) -> str:
         lo, hi = self.cfg.min_len, self.cfg.max_len
@@ -153,3 +155,51 @@ class SyntheticTask:
                                               ignore_index=IGNORE_INDEX, reduction="sum"))
             tokens += int(scored.sum())
         return {"exact_match": correct / total, "eval_loss": loss_sum / tokens}
+
+
+class SyntheticCodec:
+    """Prompts and answers as people write them: ``3 1 4`` for copy and reverse (symbols are
+    numbers 0..n_symbols-1); ``5: 12, 34`` for fibonacci (how many terms: the first two)."""
+
+    end_of_text = EOS
+
+    def __init__(self, task: SyntheticTask):
+        self.task = task
+
+    def encode(self, text: str) -> list[int]:
+        task = self.task
+        try:
+            if task.kind == "fibonacci":
+                count, _, seeds = text.partition(":")
+                a, b = (int(v) for v in seeds.split(","))
+                length = int(count)
+                if not (0 <= a < task.cfg.modulus and 0 <= b < task.cfg.modulus and length > 0):
+                    raise ValueError
+                return ([FIRST_SYMBOL + int(d) for d in str(length)] + [task.semicolon]
+                        + task.number(a) + [task.comma] + task.number(b) + [SEP])
+            symbols = [int(v) for v in text.replace(",", " ").split()]
+            if not symbols or not all(0 <= v < task.cfg.n_symbols for v in symbols):
+                raise ValueError
+            return [FIRST_SYMBOL + v for v in symbols] + [SEP]
+        except ValueError:
+            shape = ("'COUNT: A, B' (e.g. '5: 12, 34'), terms below "
+                     f"{task.cfg.modulus}" if task.kind == "fibonacci" else
+                     f"symbols 0..{task.cfg.n_symbols - 1} separated by spaces (e.g. '3 1 4')")
+            raise ValueError(f"a {task.kind} prompt is {shape}, not {text!r}") from None
+
+    def decode(self, ids: list[int]) -> str:
+        task = self.task
+        if task.kind != "fibonacci":
+            return " ".join(str(t - FIRST_SYMBOL) if t >= FIRST_SYMBOL else "?" for t in ids)
+        terms, digits = [], []
+        for t in ids + [task.comma]:
+            if t == task.comma:
+                terms.append(str(task.read_number(digits)) if digits else "?")
+                digits = []
+            else:
+                digits.append(t)
+        return ", ".join(terms)
+
+    def state(self) -> dict:
+        return {"kind": "synthetic", "config": {k: str(v) if k == "name" else v
+                                                for k, v in vars(self.task.cfg).items()}}

@@ -1,0 +1,168 @@
+"""Tokenizers for the text task: text <-> token ids.
+
+``gpt2`` (or any other tiktoken encoding) is byte-pair encoding through tiktoken; ``bytes`` is
+the UTF-8 bytes (256 symbols, needs nothing); ``char`` is the corpus's own characters. Each
+tokenizer can describe itself as a small dict (``state``) that rebuilds it without the corpus,
+which checkpoints keep so that sampling needs only the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+from txtrain.config import ConfigError
+
+SIMPLE = ("bytes", "char")
+# The encodings whose ranks a local .tiktoken file may supply: GPT-2's byte-pair ranks
+# (tiktoken names them gpt2 and r50k_base) with its one special token.
+GPT2_NAMES = ("gpt2", "r50k_base")
+GPT2_VOCAB = 50257
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    end_of_text: int | None  # separates documents, and ends a generation; None if there is none
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def state(self) -> dict:
+        """What rebuilds this tokenizer (with ``from_state``), as plain JSON-able values."""
+
+
+class ByteTokenizer:
+    name = "bytes"
+    vocab_size = 256
+    end_of_text = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def state(self) -> dict:
+        return {"kind": "bytes"}
+
+
+class CharTokenizer:
+    """One token per distinct character of the corpus, in code-point order."""
+
+    name = "char"
+    end_of_text = None
+
+    def __init__(self, symbols: str):
+        self.symbols = symbols
+        self.vocab_size = len(symbols)
+        self.ids = {ch: i for i, ch in enumerate(symbols)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - self.ids.keys())
+        if unknown:
+            raise ConfigError(f"the characters {''.join(unknown)!r} are not in the char tokenizer's "
+                              "vocabulary (the training corpus's characters)")
+        return [self.ids[ch] for ch in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.symbols[i] for i in ids)
+
+    def state(self) -> dict:
+        return {"kind": "char", "symbols": self.symbols}
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding by name. tiktoken downloads the ranks once into its own cache
+    (``TIKTOKEN_CACHE_DIR`` moves it); ``file`` reads GPT-2's ranks from a local .tiktoken file
+    instead, for machines without internet."""
+
+    def __init__(self, name: str, file: str | None = None):
+        import tiktoken
+
+        self.name, self.file = name, file
+        if file is not None:
+            self.encoding = gpt2_from_file(name, Path(file).expanduser())
+        else:
+            known = tiktoken.list_encoding_names()
+            if name not in known:
+                raise ConfigError(f"task.tokenizer={name} is not a tokenizer: choose bytes, char or "
+                                  f"a tiktoken encoding ({', '.join(known)})")
+            try:
+                self.encoding = tiktoken.get_encoding(name)
+            except Exception as error:  # no network and nothing cached, most likely
+                raise ConfigError(
+                    f"could not load the {name} ranks through tiktoken ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else 'no detail'}); offline, point "
+                    f"task.tokenizer_file at a local {name}.tiktoken file") from error
+        self.vocab_size = self.encoding.n_vocab
+        self.end_of_text = self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+    def state(self) -> dict:
+        return {"kind": "tiktoken", "name": self.name, "file": self.file}
+
+    def fingerprint(self) -> str:
+        """Names the ranks: the encoding's name, and the file's content when read from one."""
+        if self.file is None:
+            return self.name
+        return f"{self.name}:{hashlib.sha256(Path(self.file).expanduser().read_bytes()).hexdigest()}"
+
+
+def gpt2_from_file(name: str, path: Path):
+    """GPT-2's encoding with its ranks read from ``path`` (the split pattern and the special
+    token are tiktoken's own)."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    if name not in GPT2_NAMES:
+        raise ConfigError(f"task.tokenizer_file works with task.tokenizer=gpt2 (or r50k_base), not "
+                          f"{name}; for {name} offline, fill tiktoken's cache (TIKTOKEN_CACHE_DIR)")
+    if not path.is_file():
+        raise ConfigError(f"task.tokenizer_file={path}: no such file")
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    except Exception as error:
+        raise ConfigError(f"task.tokenizer_file={path} is not a .tiktoken ranks file "
+                          f"({type(error).__name__})") from error
+    if len(ranks) != GPT2_VOCAB - 1 or sorted(ranks.values()) != list(range(GPT2_VOCAB - 1)):
+        raise ConfigError(f"task.tokenizer_file={path} holds {len(ranks)} ranks, not GPT-2's "
+                          f"{GPT2_VOCAB - 1}; is it the gpt2 / r50k_base file?")
+    return tiktoken.Encoding(name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: GPT2_VOCAB - 1}, explicit_n_vocab=GPT2_VOCAB)
+
+
+def build_tokenizer(name: str, file: str | None = None, corpus_text: str | None = None) -> Tokenizer:
+    """The tokenizer ``name``; ``char`` learns its symbols from ``corpus_text``."""
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "char":
+        if corpus_text is None:
+            raise ValueError("the char tokenizer is built from the corpus's text")
+        return CharTokenizer.from_text(corpus_text)
+    return TiktokenTokenizer(name, file)
+
+
+def from_state(state: dict, file: str | None = None) -> Tokenizer:
+    """Rebuild a tokenizer from its ``state``; ``file`` overrides where its ranks are read."""
+    kind = state["kind"]
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer(state["symbols"])
+    return TiktokenTokenizer(state["name"], file or state.get("file"))
