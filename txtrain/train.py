@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from txtrain.allocator import keep_freed_memory
 from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_meta, load_state,
                                 restore_rng)
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
@@ -41,6 +42,8 @@ class Trainer:
         check_model_fits_task(cfg.model, self.task)
         self.strategy = build_strategy(cfg, self.task.max_seq_len)
         self.device = self.strategy.device
+        if self.device.type == "cpu":  # big tensors come and go every step: keep their memory
+            keep_freed_memory()
         self.micro_batch_size = self.strategy.micro_batch_size(cfg.train.batch_size,
                                                                cfg.train.micro_batch_size)
         self.peak_memory = PeakMemory(self.device)  # before the model: its baseline
