@@ -218,3 +218,26 @@ def test_the_memory_plan_counts_exactly_what_each_rank_holds(name, reference, st
         assert ranks[0]["held"]["params"] != ranks[1]["held"]["params"]  # 15-row embedding: 8 + 7
     else:
         assert all(rank["held"]["params"] == whole for rank in ranks)
+
+
+def test_a_text_pipeline_tokenizes_once_and_samples_what_one_process_samples(tmp_path):
+    """The text task under a 2-stage pipeline: one process tokenizes into a cold cache while the
+    other waits; losses follow one process's; greedy samples, drawn from logits that only the
+    last stage has, are the same text."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("SOCRATES: What is virtue, Meno?\nMENO: I do not know.\n" * 40)
+    text_run = ["task=text", f"task.data.path={corpus}", "task.tokenizer=char", "task.seq_len=32",
+                "task.prompts=[SOCRATES:]", "task.sample_tokens=30", "task.temperature=0",
+                "model.max_seq_len=32", "model.n_layer=2", "model.tie_embeddings=false",
+                "train.steps=12", "train.eval_every=6", "train.log_every=1", "progress=false"]
+    one = run_txtrain(*text_run, f"task.cache_dir={tmp_path / 'cache1'}",
+                      f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = torchrun("parallel=pipeline", "train.batch_size=16", *text_run,
+                   f"task.cache_dir={tmp_path / 'cache2'}", f"hydra.run.dir={tmp_path / 'two'}",
+                   cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(list((tmp_path / "cache2" / "tokens").glob("*.bin"))) == 1
+    reference = losses(tmp_path / "one")
+    assert_same_losses(tmp_path / "two", reference, 1e-3, range(1, 13))
+    assert (tmp_path / "two" / "samples.txt").read_text() == (tmp_path / "one" / "samples.txt").read_text()
