@@ -113,7 +113,8 @@ def describe_error(error: BaseException) -> str:
                 lines[-1] += (" " if lines[-1].endswith(":") else " ") + line + ","
             else:
                 lines.append(line)
-        error = error.__cause__ or error.__context__
+        # `raise ... from None` means the cause is noise: stop there.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     message = "; ".join(line.rstrip(",") for line in lines) or "invalid configuration"
     if "not in" in message and "Key" in message:
         message += " (check the spelling; `txtrain --cfg job` prints every key)"

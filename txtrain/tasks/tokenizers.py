@@ -98,9 +98,9 @@ class TiktokenTokenizer:
                 self.encoding = tiktoken.get_encoding(name)
             except Exception as error:  # no network and nothing cached, most likely
                 raise ConfigError(
-                    f"could not load the {name} ranks through tiktoken ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else 'no detail'}); offline, point "
-                    f"task.tokenizer_file at a local {name}.tiktoken file") from error
+                    f"could not fetch the {name} ranks through tiktoken ({type(error).__name__}); "
+                    f"offline, point task.tokenizer_file at a local {name}.tiktoken file, or fill "
+                    "tiktoken's cache (TIKTOKEN_CACHE_DIR)") from None
         self.vocab_size = self.encoding.n_vocab
         self.end_of_text = self.encoding.eot_token
 
@@ -139,7 +139,7 @@ def gpt2_from_file(name: str, path: Path):
         ranks = load_tiktoken_bpe(str(path))
     except Exception as error:
         raise ConfigError(f"task.tokenizer_file={path} is not a .tiktoken ranks file "
-                          f"({type(error).__name__})") from error
+                          f"({type(error).__name__})") from None
     if len(ranks) != GPT2_VOCAB - 1 or sorted(ranks.values()) != list(range(GPT2_VOCAB - 1)):
         raise ConfigError(f"task.tokenizer_file={path} holds {len(ranks)} ranks, not GPT-2's "
                           f"{GPT2_VOCAB - 1}; is it the gpt2 / r50k_base file?")
