@@ -45,6 +45,8 @@ def load_model(path: Path, device: torch.device):
     from txtrain.checkpoint import find_checkpoint, load_meta, load_model_weights
     from txtrain.model import Transformer
 
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run dir or checkpoint")
     checkpoint = find_checkpoint(str(path), Path("."))
     meta = load_meta(checkpoint)
     model = Transformer(ModelConfig(**meta["model_config"]), meta["vocab_size"])
