@@ -70,7 +70,7 @@ def find_corpus(cfg: CorpusConfig, cache_dir: str | None) -> Corpus:
     else:
         raise ConfigError(f"task.data.path={cfg.path}: no such file or folder; point it at a .txt "
                           "file or a folder of .txt files (task.data.path=/path/to/corpus)")
-    if corpus.n_bytes == 0 or not any(corpus.read(f).strip() for f in corpus.files):
+    if corpus.n_bytes == 0:
         raise ConfigError(f"the corpus at {corpus.root} is empty")
     return corpus
 

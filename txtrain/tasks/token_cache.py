@@ -59,6 +59,8 @@ def is_local_leader() -> bool:
 def build_entry(entry: Path, corpus: Corpus, cfg: TextTaskConfig, tokenizer: Tokenizer | None,
                 progress: bool) -> None:
     texts = [corpus.read(file) for file in corpus.files]
+    if not any(text.strip() for text in texts):
+        raise ConfigError(f"the corpus at {corpus.root} is empty (only white space)")
     if tokenizer is None:
         separator = "\n\n" if len(texts) > 1 else ""
         tokenizer = build_tokenizer(cfg.tokenizer, corpus_text="".join(texts) + separator)
