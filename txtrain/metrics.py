@@ -17,6 +17,8 @@ log = logging.getLogger("txtrain")
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool, progress: bool, start_step: int, total_steps: int):
         self.enabled = enabled
+        self.run_dir = run_dir
+        self.run_fields: dict = {}
         self.files = {}
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,14 @@ class RunLog:
             loss = record["loss"]  # None when the step's loss was not finite
             self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def run_info(self, **fields) -> None:
+        """Add ``fields`` to run.json (written whole each time: it stays valid JSON)."""
+        if self.enabled:
+            self.run_fields.update(fields)
+            tmp = self.run_dir / ".run.json.tmp"
+            tmp.write_text(json.dumps(self.run_fields, indent=1) + "\n")
+            tmp.replace(self.run_dir / "run.json")
 
     def eval(self, record: dict) -> None:
         if self.enabled:

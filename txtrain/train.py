@@ -31,6 +31,7 @@ from txtrain.memory import PeakMemory, held_bytes
 from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
 from txtrain.precision import Precision
+from txtrain.runinfo import run_identity
 from txtrain.tasks import IGNORE_INDEX, Batch, Task, build_task
 
 
@@ -78,8 +79,9 @@ class Trainer:
         train = self.cfg.train
         log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps)
         self.announce(log)
+        log.run_info(**run_identity(self.strategy.world_size, self.device))
         started = clock = time.perf_counter()
-        tokens_at_clock = self.tokens
+        tokens_at_start = tokens_at_clock = self.tokens
         while self.step < train.steps:
             data_step = 0 if self.cfg.debug.overfit_batch else self.step
             batch = self.task.train_batch(data_step, train.batch_size)
@@ -111,9 +113,25 @@ class Trainer:
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
         self.report_memory(log)
+        seconds = time.perf_counter() - started
+        summary = {**self.last_eval, "step": self.step, "loss": self.last_loss,
+                   "tokens": self.tokens, "seconds": seconds,
+                   "tokens_per_s": (self.tokens - tokens_at_start) / seconds}
+        self.finish(log, summary)
+        return summary
+
+    def finish(self, log: RunLog, summary: dict) -> None:
+        """The result into run.json, and the curves into loss.png."""
+        log.run_info(result={k: finite_or_none(v) if isinstance(v, float) else v
+                             for k, v in summary.items()})
         log.close()
-        return {"step": self.step, "loss": self.last_loss, "tokens": self.tokens,
-                "seconds": time.perf_counter() - started, **self.last_eval}
+        if self.strategy.is_main:
+            try:
+                from txtrain.plots import plot_run
+
+                plot_run(self.run_dir)
+            except ImportError as missing:
+                log.info(f"no loss.png: {missing}")
 
     def train_step(self, batch: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer update over the global batch; returns (loss, grad norm)."""

@@ -1,0 +1,118 @@
+"""Loss curves as pictures: ``loss.png`` for a run, and one overlay for a sweep.
+
+    txtrain-plot <run dir>      training loss (left axis) and the evaluation metric (right
+                                axis) against steps, with tokens seen along the top
+    txtrain-plot <sweep dir>    every run's curves in one figure, labelled by its overrides
+
+Matplotlib is an optional extra (``pip install 'txtrain[plot]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from txtrain.summary import find_runs, read_jsonl, run_label
+
+# The metric drawn on the right axis: the first of these that the run's evaluations have.
+EVAL_METRICS = ("val_loss", "exact_match", "eval_loss")
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("matplotlib is not installed (pip install 'txtrain[plot]')") from None
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def eval_metric(evals: list[dict]) -> str | None:
+    return next((m for m in EVAL_METRICS if evals and m in evals[0]), None)
+
+
+def plot_run(run_dir: Path) -> Path:
+    """Write ``<run_dir>/loss.png``; returns its path."""
+    plt = pyplot()
+    metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    draw_run(ax, metrics, evals, label=None, color="tab:blue")
+    add_tokens_axis(ax, metrics)
+    fig.suptitle(f"{run_dir.parent.name}/{run_dir.name}", fontsize=10)
+    return save(fig, run_dir / "loss.png")
+
+
+def plot_sweep(sweep_dir: Path) -> Path:
+    """Write ``<sweep_dir>/loss.png``: every run's curves, one colour per run."""
+    plt = pyplot()
+    runs = find_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no runs (folders with metrics.jsonl) under {sweep_dir}")
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (run_dir, overrides) in enumerate(runs.items()):
+        draw_run(ax, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"),
+                 label=run_label(overrides, runs) or run_dir.name, color=colors[i % len(colors)])
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"{sweep_dir.name}: {len(runs)} runs", fontsize=10)
+    return save(fig, sweep_dir / "loss.png")
+
+
+def draw_run(ax, metrics: list[dict], evals: list[dict], label: str | None, color: str) -> None:
+    """Training loss as a solid line on ``ax``; the evaluation metric dashed, on a twin axis
+    (made once per figure)."""
+    steps = [m["step"] for m in metrics if m.get("loss") is not None]
+    ax.plot(steps, [m["loss"] for m in metrics if m.get("loss") is not None], color=color,
+            label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (solid)")
+    metric = eval_metric(evals)
+    if metric is None:
+        return
+    twin = getattr(ax, "eval_axis", None)
+    if twin is None:
+        twin = ax.eval_axis = ax.twinx()
+        twin.set_ylabel(f"{metric} (dashed)")
+    twin.plot([e["step"] for e in evals], [e[metric] for e in evals], color=color,
+              linestyle="--", marker="o", markersize=3, linewidth=1)
+
+
+def add_tokens_axis(ax, metrics: list[dict]) -> None:
+    """Tokens seen along the top, at the run's average tokens per step."""
+    if not metrics or metrics[-1]["step"] == 0:
+        return
+    per_step = metrics[-1]["tokens"] / metrics[-1]["step"]
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+    top.set_xlabel("tokens seen")
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="txtrain-plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a run dir or a sweep dir")
+    folder = parser.parse_args(argv).folder
+    try:
+        if (folder / "metrics.jsonl").is_file():
+            path = plot_run(folder)
+        else:
+            path = plot_sweep(folder)
+    except (ImportError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
