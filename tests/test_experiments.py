@@ -94,3 +94,11 @@ def test_plot_without_matplotlib_says_how_to_get_it(sweep_dir, monkeypatch, caps
         plots.main([str(sweep_dir / "0")])
     assert stopped.value.code == 2
     assert "pip install 'txtrain[plot]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[07-09,12],cpu01", "gpu07"), ("node01", "node01"),
+                                            ("a[3],b", "a3"), ("n[010-011]", "n010")])
+def test_the_rendezvous_host_is_the_first_node_of_a_slurm_node_list(nodelist, first):
+    from txtrain.distributed import first_host
+
+    assert first_host(nodelist) == first

@@ -55,6 +55,8 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def run(raw: DictConfig) -> dict:
     try:
+        if distributed.adopt_slurm_environment():  # a task that submitit started (not main())
+            distributed.init_process_group()
         cfg = to_config(raw)
         if cfg.plan.only:
             from txtrain.planner import plan_only  # torch loads only once the config is good
@@ -130,7 +132,7 @@ def main() -> None:
     sys.argv = [expand_plan_flag(arg) for arg in sys.argv]
     if "plan.only=true" in sys.argv:
         sys.argv += PLAN_ONLY_OVERRIDES
-    elif distributed.under_torchrun():
+    elif distributed.under_torchrun() or distributed.adopt_slurm_environment():
         distributed.init_process_group()
         sys.argv += distributed.hydra_overrides_for_rank()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from datetime import datetime
 
@@ -27,6 +28,28 @@ def env_rank() -> int:
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def adopt_slurm_environment() -> bool:
+    """Started by SLURM (``srun``, or submitit with one task per GPU) rather than torchrun: set
+    torchrun's variables from SLURM's, so that every task joins one process group. The
+    rendezvous is MASTER_ADDR/MASTER_PORT when given, else the job's first node and a port
+    derived from the job id. Returns whether it did anything."""
+    env = os.environ
+    if under_torchrun() or int(env.get("SLURM_NTASKS", 1)) < 2 or "SLURM_PROCID" not in env:
+        return False
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_NODELIST", "localhost")))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+    return True
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu01`` -> ``gpu07``."""
+    head = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist).group(0)
+    prefix, _, ranges = head.partition("[")
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0] if ranges else prefix
 
 
 def init_process_group() -> None:
