@@ -102,3 +102,25 @@ def test_the_rendezvous_host_is_the_first_node_of_a_slurm_node_list(nodelist, fi
     from txtrain.distributed import first_host
 
     assert first_host(nodelist) == first
+
+
+def test_tensorboard_logger_writes_the_logged_scalars_and_the_config(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir = tmp_path / "run"
+    result = run_txtrain("logger=tensorboard", "train.steps=6", "train.log_every=2",
+                         "train.eval_every=3", "task.n_eval=50", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    board = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"),
+                                               size_guidance={event_accumulator.TENSORS: 0})
+    board.Reload()
+    scalars = board.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/exact_match",
+            "memory/rank0_peak_bytes"} <= set(scalars)
+    logged = {r["step"]: r["loss"] for r in summary.read_jsonl(run_dir / "metrics.jsonl")}
+    written = {event.step: event.value for event in board.Scalars("train/loss")}
+    assert written.keys() == logged.keys() == {2, 4, 6}
+    assert all(written[s] == pytest.approx(logged[s], rel=1e-6) for s in logged)  # float32 in the file
+    assert [e.step for e in board.Scalars("eval/exact_match")] == [3, 6]
+    config_text = board.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "n_layer:" in config_text and "seed:" in config_text
+    assert (run_dir / "metrics.jsonl").is_file()  # JSONL stays on

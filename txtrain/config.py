@@ -81,6 +81,11 @@ class Strategy(Choice):
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # a str, not an enum: "1f1b" is no name
 
 
+class Logger(Choice):
+    jsonl = "jsonl"
+    tensorboard = "tensorboard"
+
+
 class Dtype(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -347,6 +352,7 @@ class Config:
     progress: bool = True  # progress bar, shown only on a terminal
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each block (the first steps pay for compiling)
+    logger: Logger = Logger.jsonl  # tensorboard: also TensorBoard event files (JSONL stays on)
 
 
 def register_configs() -> None:

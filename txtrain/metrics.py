@@ -11,19 +11,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from txtrain.config import ConfigError
+
 log = logging.getLogger("txtrain")
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start_step: int, total_steps: int):
+    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start_step: int, total_steps: int,
+                 tensorboard: bool = False):
         self.enabled = enabled
         self.run_dir = run_dir
         self.run_fields: dict = {}
         self.files = {}
+        self.board = None  # TensorBoard's SummaryWriter, with logger=tensorboard
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.files = {name: open(run_dir / f"{name}.jsonl", "a", encoding="utf-8")
                           for name in ("metrics", "eval")}
+            if tensorboard:
+                self.board = summary_writer(run_dir / "tensorboard")
         show_bar = enabled and progress and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar,
                         dynamic_ncols=True, unit="step", leave=False)
@@ -39,6 +45,7 @@ class RunLog:
         self.bar.update(1)
         if record is not None and self.enabled:
             self._write("metrics", record)
+            self.scalars("train", record)
             loss = record["loss"]  # None when the step's loss was not finite
             self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -54,7 +61,19 @@ class RunLog:
     def eval(self, record: dict) -> None:
         if self.enabled:
             self._write("eval", record)
+            self.scalars("eval", record)
             self.info("eval  " + "  ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
+
+    def scalars(self, section: str, record: dict) -> None:
+        """The numbers of ``record`` as TensorBoard scalars ``section/name`` at its step."""
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(f"{section}/{name}", value, record["step"])
+
+    def text(self, name: str, text: str) -> None:
+        if self.board is not None:
+            self.board.add_text(name, f"```\n{text}\n```")  # Markdown: keep the layout
 
     def _write(self, name: str, record: dict) -> None:
         handle = self.files[name]
@@ -65,6 +84,17 @@ class RunLog:
         self.bar.close()
         for handle in self.files.values():
             handle.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def summary_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install "
+                          "'txtrain[tensorboard]' (or logger=jsonl)") from None
+    return SummaryWriter(str(folder))
 
 
 def _fmt(value) -> str:

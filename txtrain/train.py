@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from txtrain.allocator import keep_freed_memory
 from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_meta, load_state,
@@ -77,8 +78,10 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         train = self.cfg.train
-        log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps)
+        log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps,
+                     tensorboard=self.cfg.logger == "tensorboard")
         self.announce(log)
+        log.text("config", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         log.run_info(**run_identity(self.strategy.world_size, self.device))
         started = clock = time.perf_counter()
         tokens_at_start = tokens_at_clock = self.tokens
@@ -271,6 +274,8 @@ class Trainer:
         everyone = self.strategy.gather(mine)
         if not self.strategy.is_main:
             return
+        log.scalars("memory", {"step": self.step, **{f"rank{r['rank']}_peak_bytes": r["measured_peak"]
+                                                     for r in everyone}})
         for rank in everyone:
             log.info(f"memory rank {rank['rank']}: peak {planner.gib(rank['measured_peak'])} "
                      f"measured ({rank['measured_by']}), {planner.gib(rank['planned']['peak'])} "
