@@ -69,16 +69,22 @@ def init_process_group() -> None:
 
 @functools.cache
 def start_time() -> datetime:
-    """When this run started: rank 0's clock, shared with every other process."""
-    now = datetime.now()
-    if not under_torchrun():
-        return now
-    import torch
-    import torch.distributed as dist
+    """When this run started: rank 0's clock, shared with every other process. It is also
+    handed down in the environment, so that processes started later on this run's behalf
+    (submitit's jobs, launch.nproc_per_node's workers) name the same directories."""
+    if STARTED_VARIABLE in os.environ:
+        return datetime.fromisoformat(os.environ[STARTED_VARIABLE])
+    shared = [datetime.now()]
+    if under_torchrun():
+        import torch
+        import torch.distributed as dist
 
-    shared = [now]
-    dist.broadcast_object_list(shared, src=0, device=torch.device("cpu"))
+        dist.broadcast_object_list(shared, src=0, device=torch.device("cpu"))
+    os.environ[STARTED_VARIABLE] = shared[0].isoformat()
     return shared[0]
+
+
+STARTED_VARIABLE = "TXTRAIN_STARTED"
 
 
 def hydra_overrides_for_rank() -> list[str]:

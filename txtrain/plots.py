@@ -56,7 +56,7 @@ def plot_sweep(sweep_dir: Path) -> Path:
     for i, (run_dir, overrides) in enumerate(runs.items()):
         draw_run(ax, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"),
                  label=run_label(overrides, runs) or run_dir.name, color=colors[i % len(colors)])
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax.set_title(f"{sweep_dir.name}: {len(runs)} runs", fontsize=10)
     return save(fig, sweep_dir / "loss.png")
 

@@ -85,8 +85,8 @@ def summary_rows(sweep_dir: Path) -> list[dict]:
 def as_text(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    if isinstance(value, float):  # four significant digits, but never an exponent for big ones
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
 
 
