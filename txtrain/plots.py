@@ -39,7 +39,8 @@ def plot_run(run_dir: Path) -> Path:
     plt = pyplot()
     metrics, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    draw_run(ax, metrics, evals, label=None, color="tab:blue")
+    twin = ax.twinx()
+    label_eval_axis(twin, draw_run(ax, twin, metrics, evals, label=None, color="tab:blue"))
     add_tokens_axis(ax, metrics)
     fig.suptitle(f"{run_dir.parent.name}/{run_dir.name}", fontsize=10)
     return save(fig, run_dir / "loss.png")
@@ -52,32 +53,40 @@ def plot_sweep(sweep_dir: Path) -> Path:
     if not runs:
         raise FileNotFoundError(f"no runs (folders with metrics.jsonl) under {sweep_dir}")
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    twin = ax.twinx()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    metric = None
     for i, (run_dir, overrides) in enumerate(runs.items()):
-        draw_run(ax, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"),
-                 label=run_label(overrides, runs) or run_dir.name, color=colors[i % len(colors)])
+        metric = draw_run(ax, twin, read_jsonl(run_dir / "metrics.jsonl"),
+                          read_jsonl(run_dir / "eval.jsonl"), label=run_label(overrides, runs)
+                          or run_dir.name, color=colors[i % len(colors)]) or metric
+    label_eval_axis(twin, metric)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax.set_title(f"{sweep_dir.name}: {len(runs)} runs", fontsize=10)
     return save(fig, sweep_dir / "loss.png")
 
 
-def draw_run(ax, metrics: list[dict], evals: list[dict], label: str | None, color: str) -> None:
-    """Training loss as a solid line on ``ax``; the evaluation metric dashed, on a twin axis
-    (made once per figure)."""
-    steps = [m["step"] for m in metrics if m.get("loss") is not None]
-    ax.plot(steps, [m["loss"] for m in metrics if m.get("loss") is not None], color=color,
-            label=label, linewidth=1.2)
+def draw_run(ax, twin, metrics: list[dict], evals: list[dict], label: str | None,
+             color: str) -> str | None:
+    """Training loss as a solid line on ``ax``; the evaluation metric dashed on ``twin`` (the
+    right-hand axis). Returns the metric's name, None if the run has no evaluations."""
+    logged = [m for m in metrics if m.get("loss") is not None]
+    ax.plot([m["step"] for m in logged], [m["loss"] for m in logged], color=color, label=label,
+            linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (solid)")
     metric = eval_metric(evals)
+    if metric is not None:
+        twin.plot([e["step"] for e in evals], [e[metric] for e in evals], color=color,
+                  linestyle="--", marker="o", markersize=3, linewidth=1)
+    return metric
+
+
+def label_eval_axis(twin, metric: str | None) -> None:
     if metric is None:
-        return
-    twin = getattr(ax, "eval_axis", None)
-    if twin is None:
-        twin = ax.eval_axis = ax.twinx()
+        twin.set_axis_off()
+    else:
         twin.set_ylabel(f"{metric} (dashed)")
-    twin.plot([e["step"] for e in evals], [e[metric] for e in evals], color=color,
-              linestyle="--", marker="o", markersize=3, linewidth=1)
 
 
 def add_tokens_axis(ax, metrics: list[dict]) -> None:
