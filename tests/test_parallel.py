@@ -158,21 +158,22 @@ def test_two_nodes_train_together(reference, tmp_path):
     assert_same_losses(run_dirs[0], losses(reference), 1e-4, range(1, STEPS + 1))
 
 
-def test_slurm_tasks_form_a_group_without_torchrun(reference, tmp_path):
-    """Two processes started the way srun starts tasks: SLURM's variables only, no torchrun."""
+def test_slurm_tasks_form_a_group_without_torchrun(strategy_runs, tmp_path):
+    """Two processes started the way srun starts tasks: SLURM's variables only, no torchrun.
+    They must train exactly as the same ddp run under torchrun."""
     slurm = {"SLURM_NTASKS": "2", "SLURM_NODELIST": "localhost", "MASTER_PORT": str(free_port())}
     tasks = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), PYTHONWARNINGS="ignore",
                    OMP_NUM_THREADS="1")
-        tasks.append(subprocess.Popen([sys.executable, "-m", "txtrain", "parallel=ddp", *RUN,
+        tasks.append(subprocess.Popen([sys.executable, "-m", "txtrain", *STRATEGIES["ddp"][0], *RUN,
                                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for task in tasks:
         _, stderr = task.communicate(timeout=300)
         assert task.returncode == 0, stderr[-3000:]
-    assert_same_losses(tmp_path / "run", losses(reference), 1e-4, range(1, STEPS + 1))
+    assert_same_losses(tmp_path / "run", losses(strategy_runs("ddp")), 1e-6, range(1, STEPS + 1))
     assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2
 
 
