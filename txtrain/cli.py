@@ -55,14 +55,13 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def run(raw: DictConfig) -> dict:
     try:
-        if distributed.adopt_slurm_environment():  # a task that submitit started (not main())
-            distributed.init_process_group()
         cfg = to_config(raw)
         if cfg.plan.only:
             from txtrain.planner import plan_only  # torch loads only once the config is good
 
             print("\n".join(plan_only(cfg)), flush=True)
             return {}
+        distributed.join_job()  # for a task that submitit started (main() did it otherwise)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         if cfg.launch.nproc_per_node > 1 and not distributed.under_torchrun():
             distributed.launch_workers(cfg.launch.nproc_per_node, list(HydraConfig.get().overrides.task),
@@ -132,8 +131,7 @@ def main() -> None:
     sys.argv = [expand_plan_flag(arg) for arg in sys.argv]
     if "plan.only=true" in sys.argv:
         sys.argv += PLAN_ONLY_OVERRIDES
-    elif distributed.under_torchrun() or distributed.adopt_slurm_environment():
-        distributed.init_process_group()
+    elif distributed.join_job():
         sys.argv += distributed.hydra_overrides_for_rank()
     try:
         run()

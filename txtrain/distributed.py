@@ -9,7 +9,6 @@ one run directory.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
@@ -52,22 +51,26 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.rstrip("]").split(",")[0].split("-")[0] if ranges else prefix
 
 
-def init_process_group() -> None:
-    """Join torchrun's job: NCCL for CUDA tensors (one device per process, from LOCAL_RANK) and
-    gloo for CPU tensors; gloo alone where there is no GPU."""
+def join_job() -> bool:
+    """Join the process group of a job that torchrun (or SLURM) started; returns whether this
+    process is part of one. NCCL for CUDA tensors (one device per process, from LOCAL_RANK)
+    and gloo for CPU tensors; gloo alone where there is no GPU. Safe to call again."""
+    adopt_slurm_environment()
+    if not under_torchrun():
+        return False
     import torch
     import torch.distributed as dist
 
-    if not under_torchrun() or dist.is_initialized():
-        return
+    if dist.is_initialized():
+        return True
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
+    return True
 
 
-@functools.cache
 def start_time() -> datetime:
     """When this run started: rank 0's clock, shared with every other process. It is also
     handed down in the environment, so that processes started later on this run's behalf

@@ -64,6 +64,14 @@ class RunLog:
             self.scalars("eval", record)
             self.info("eval  " + "  ".join(f"{k} {_fmt(v)}" for k, v in record.items()))
 
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Append generations (prompt, continuation) to samples.txt."""
+        if self.enabled and samples:
+            with (self.run_dir / "samples.txt").open("a", encoding="utf-8") as out:
+                out.write(f"=== step {step} ===\n")
+                for prompt, text in samples:
+                    out.write(f"--- prompt {prompt!r} ---\n{prompt}{text}\n")
+
     def scalars(self, section: str, record: dict) -> None:
         """The numbers of ``record`` as TensorBoard scalars ``section/name`` at its step."""
         if self.board is not None:

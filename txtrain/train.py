@@ -198,11 +198,7 @@ class Trainer:
         self.model.train()
         self.last_eval = {"step": self.step, **results}
         log.eval(self.last_eval)
-        if samples and self.strategy.is_main:
-            with (self.run_dir / "samples.txt").open("a", encoding="utf-8") as out:
-                out.write(f"=== step {self.step} ===\n")
-                for prompt, text in samples:
-                    out.write(f"--- prompt {prompt!r} ---\n{prompt}{text}\n")
+        log.samples(self.step, samples)
         return self.last_eval
 
     def generate_samples(self) -> list[tuple[str, str]]:
