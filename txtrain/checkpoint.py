@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from txtrain.config import ConfigError
 
@@ -75,6 +74,8 @@ class Checkpoints:
             tmp.mkdir(parents=True)
         self.barrier()
         with single_process_is_fine():
+            from torch.distributed import checkpoint as dcp  # slow to import: only when used
+
             dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not dist.is_initialized())
         if self.is_main:
             torch.save(meta, tmp / META_FILE)
@@ -123,6 +124,8 @@ def load_state(path: Path, state: dict) -> None:
     """Fill ``state`` (tensors shaped and placed as this rank holds them) from the checkpoint
     at ``path``, whatever layout wrote it. Keys absent from ``state`` are not read."""
     with single_process_is_fine():
+        from torch.distributed import checkpoint as dcp
+
         dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not dist.is_initialized())
 
 

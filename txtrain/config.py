@@ -253,6 +253,7 @@ class LaunchConfig:
 class PrecisionConfig:
     name: Dtype = Dtype.fp32
     init_scale: float = 65536.0  # fp16: the first loss scale; halved on overflow, doubled when calm
+    tf32: bool = True  # CUDA (Ampere and newer): fp32 matmuls on tensor cores, 10-bit mantissa inputs
 
     def __post_init__(self):
         require_positive("precision", init_scale=self.init_scale)

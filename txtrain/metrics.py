@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -94,6 +97,38 @@ class RunLog:
             handle.close()
         if self.board is not None:
             self.board.close()
+
+
+class Speed:
+    """Training speed between log steps: tokens per second, milliseconds per step, and the
+    share of the time spent waiting for data. Time spent evaluating and saving is left out."""
+
+    def __init__(self, tokens: int, step: int):
+        self.restart(tokens, step)
+
+    def restart(self, tokens: int, step: int) -> None:
+        self.clock, self.tokens, self.step, self.data_seconds = time.perf_counter(), tokens, step, 0.0
+
+    @contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.data_seconds += time.perf_counter() - start
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.clock += time.perf_counter() - start
+
+    def measure(self, tokens: int, step: int) -> dict:
+        """The speed since the last measurement (or restart), then start measuring anew."""
+        seconds = time.perf_counter() - self.clock
+        speed = {"tokens_per_s": (tokens - self.tokens) / seconds,
+                 "step_ms": 1000 * seconds / max(1, step - self.step),
+                 "data_wait": self.data_seconds / seconds}
+        self.restart(tokens, step)
+        return speed
 
 
 def summary_writer(folder: Path):

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -82,8 +84,25 @@ def plan_memory(cfg: Config, layout: Layout) -> list[RankPlan]:
 def meta_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     from txtrain.model import Transformer
 
-    with torch.device("meta"):
+    with torch.device("meta"), skip_initializers():
         return Transformer(cfg, vocab_size)
+
+
+INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+
+
+@contextmanager
+def skip_initializers() -> Iterator[None]:
+    """Meta tensors hold no values to initialize, and the initializers' meta kernels import
+    torch's compiler stack on first use: seconds of start-up for nothing. Make them no-ops."""
+    saved = {name: getattr(nn.init, name) for name in INITIALIZERS}
+    for name in INITIALIZERS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def plan_rank(cfg: Config, layout: Layout, model: nn.Module, rank: int) -> RankPlan:

@@ -24,6 +24,9 @@ class Precision:
             raise ConfigError(f"precision={self.name}: {device.type} has no autocast; use precision=fp32")
         if self.name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision=bf16: this GPU has no bfloat16; use precision=fp16 or fp32")
+        if device.type == "cuda":  # a process-wide switch; fp32 matmuls are the ones it affects
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.scaler = None
         if self.name == "fp16":
             if world_size > 1:

@@ -3,6 +3,7 @@ once it ends, what it achieved. The sweep summary reads it."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -44,3 +45,15 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc; None elsewhere): the start-up
+    time a user waits, interpreter and imports included."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - started_after_boot, 2)

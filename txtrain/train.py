@@ -25,14 +25,14 @@ from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_
                                 restore_rng)
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.generate import complete
-from txtrain.metrics import RunLog
+from txtrain.metrics import RunLog, Speed
 from txtrain.model import Transformer
 from txtrain import planner
 from txtrain.memory import PeakMemory, held_bytes
 from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
 from txtrain.precision import Precision
-from txtrain.runinfo import run_identity
+from txtrain.runinfo import process_age, run_identity
 from txtrain.tasks import IGNORE_INDEX, Batch, Task, build_task
 
 
@@ -83,36 +83,33 @@ class Trainer:
         self.announce(log)
         log.text("config", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         log.run_info(**run_identity(self.strategy.world_size, self.device))
-        started = clock = time.perf_counter()
-        tokens_at_start = tokens_at_clock = self.tokens
+        started, tokens_at_start = time.perf_counter(), self.tokens
+        speed = Speed(self.tokens, self.step)
         while self.step < train.steps:
             data_step = 0 if self.cfg.debug.overfit_batch else self.step
-            batch = self.task.train_batch(data_step, train.batch_size)
+            with speed.waiting_for_data():
+                batch = self.task.train_batch(data_step, train.batch_size)
             lr = self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.step, train.steps)
             loss, grad_norm = self.train_step(batch, lr)
             self.step += 1
             self.tokens += batch.n_targets
-            if self.step == self.first_step + 1 and self.cfg.compile:
-                clock, tokens_at_clock = self.report_compile(log, clock)
 
             record = None
             if self.step % train.log_every == 0 or self.step == train.steps:
-                now = time.perf_counter()
                 self.last_loss = loss.item()
                 record = {"step": self.step, "loss": finite_or_none(self.last_loss), "lr": lr,
                           "grad_norm": finite_or_none(grad_norm.item()), "tokens": self.tokens,
-                          "tokens_per_s": (self.tokens - tokens_at_clock) / (now - clock),
+                          **speed.measure(self.tokens, self.step),
                           "skipped_steps": self.skipped_steps, **self.precision.metrics()}
-                clock, tokens_at_clock = now, self.tokens
             log.step(record)
+            if self.step == self.first_step + 1:
+                self.after_first_step(log, speed)
 
-            paused = time.perf_counter()
-            with self.peak_memory.paused():  # evaluation and saving are not training
+            with self.peak_memory.paused(), speed.paused():  # evaluation and saving are not training
                 if is_due(self.step, train.eval_every, train.steps):
                     self.evaluate(log)
                 if is_due(self.step, train.save_every, train.steps):
                     self.save()
-            clock += time.perf_counter() - paused
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
         self.report_memory(log)
@@ -181,12 +178,14 @@ class Trainer:
                 + f"; stopped. Last good checkpoint: {latest or 'none yet'}. Lower optim.lr, raise "
                 "schedule.warmup_steps, or skip such steps with train.skip_nonfinite=K")
 
-    def report_compile(self, log: RunLog, clock: float) -> tuple[float, int]:
-        """The first step under compile=true is mostly compiling: report it on its own and
-        start measuring speed after it."""
-        now = time.perf_counter()
-        log.info(f"compile: the first step took {now - clock:.1f}s (compiling included)")
-        return now, self.tokens
+    def after_first_step(self, log: RunLog, speed: Speed) -> None:
+        """Record how long start-up took. Under compile=true the first step is mostly
+        compiling: report it on its own and start measuring speed after it."""
+        log.run_info(startup_s=process_age())
+        if self.cfg.compile:
+            log.info(f"compile: the first step took {time.perf_counter() - speed.clock:.1f}s "
+                     "(compiling included)")
+            speed.restart(self.tokens, self.step)
 
     @torch.no_grad()
     def evaluate(self, log: RunLog) -> dict:

@@ -18,8 +18,6 @@ from typing import Callable, ContextManager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
 
 from txtrain.config import ConfigError, ParallelConfig
 from txtrain.precision import Precision
@@ -28,8 +26,6 @@ from txtrain.tasks.base import Batch
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> loss
 Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
 NextLogits = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> last position's logits (B, V)
-# Keys by parameter name, so the optimizer state of any layout loads into any other.
-STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,13 +142,17 @@ class SingleProcess:
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Model and optimizer state keyed by parameter name, as this rank holds it (whole,
         or as shards for torch.distributed.checkpoint to save and reshard)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model_state, optim_state = get_state_dict(self.unwrap(model), optimizer,
-                                                  options=STATE_DICT_OPTIONS)
+                                                  options=state_dict_options())
         return {"model": model_state, "optimizer": optim_state}
 
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=STATE_DICT_OPTIONS)
+                       optim_state_dict=state["optimizer"], options=state_dict_options())
 
     def gather(self, obj: object) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
@@ -172,3 +172,11 @@ class SingleProcess:
             dist.barrier()
             dist.destroy_process_group()
 
+
+
+def state_dict_options():
+    """Optimizer state keyed by parameter name, so any layout loads into any other.
+    (torch.distributed.checkpoint is imported when first needed: it adds a second to start-up.)"""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
