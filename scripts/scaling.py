@@ -1,0 +1,112 @@
+"""How speed and memory scale: with sequence length (manual vs sdpa attention), with model size,
+and with torch.compile. Every point is one ``bench.py`` measurement of txtrain.
+
+    python scripts/scaling.py [--steps N] [--out docs] [overrides...]
+
+The overrides (``task.data.path=... task.tokenizer_file=...``) apply to every point. Writes
+``scaling.md`` (the tables) and ``scaling.png`` (the plots) into ``--out``. Sequence-length
+points keep the tokens per step fixed (batch x length = 2048), so the attention's share is all
+that changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import bench
+
+TOKENS_PER_STEP = 2048
+REFERENCE_MODEL = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384"]
+SEQ_LENS = (128, 256, 512, 1024)
+SIZES = {"tiny": ["model=tiny"], "small": ["model=small"], "base": ["model=base"],
+         "6x384": REFERENCE_MODEL, "gpt2": ["model=gpt2", "train.batch_size=4", "train.micro_batch_size=4"]}
+COMMON = ["task=text", "precision=fp32", "model.dropout=0", "task.seq_len=256", "train.batch_size=8",
+          "train.micro_batch_size=8"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="scaling-"))
+    rows = {"seq_len": [], "size": [], "compile": []}
+
+    def measure(kind: str, label: dict, overrides: list[str], warmup: int = args.warmup) -> None:
+        folder = work / f"{kind}-{len(rows[kind])}"
+        folder.mkdir()
+        result = bench.bench(COMMON + overrides + args.overrides, args.steps, warmup, 1, False, folder)
+        ours = result["txtrain"]
+        rows[kind].append({**label, "tokens_per_s": ours["tokens_per_s"], "mfu": ours["mfu"],
+                           "peak_gib": ours["peak_memory_bytes"] / 2**30,
+                           "mflop_per_token": result["flops_per_token"] / 1e6})
+        print(kind, label, f"{ours['tokens_per_s']:.0f} tok/s, {ours['peak_memory_bytes'] / 2**30:.2f} GiB",
+              flush=True)
+
+    for seq_len in SEQ_LENS:
+        batch = TOKENS_PER_STEP // seq_len
+        for impl in ("manual", "sdpa"):
+            measure("seq_len", {"seq_len": seq_len, "impl": impl},
+                    REFERENCE_MODEL + [f"task.seq_len={seq_len}", f"model.impl={impl}",
+                                       f"train.batch_size={batch}", f"train.micro_batch_size={batch}"])
+    for name, overrides in SIZES.items():
+        measure("size", {"model": name}, overrides)
+    for compiled in (False, True):
+        measure("compile", {"compile": compiled}, REFERENCE_MODEL + [f"compile={str(compiled).lower()}"],
+                warmup=args.warmup + (2 if compiled else 0))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / "scaling.md").write_text(tables(rows))
+    plot(rows, args.out / "scaling.png")
+    print(tables(rows))
+
+
+def tables(rows: dict) -> str:
+    lines = ["| seq len | impl | tokens/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['seq_len']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {r['peak_gib']:.2f} |"
+              for r in rows["seq_len"]]
+    lines += ["", "| model | MFLOP/token | tokens/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['mflop_per_token']:,.0f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | "
+              f"{r['peak_gib']:.2f} |" for r in rows["size"]]
+    lines += ["", "| compile | tokens/s | MFU | peak memory (GiB) |", "|---|---|---|---|"]
+    lines += [f"| {'on' if r['compile'] else 'off'} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | "
+              f"{r['peak_gib']:.2f} |" for r in rows["compile"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory, size) = plt.subplots(1, 3, figsize=(13, 3.8))
+    for impl, style in (("manual", "o--"), ("sdpa", "s-")):
+        points = [r for r in rows["seq_len"] if r["impl"] == impl]
+        lengths = [r["seq_len"] for r in points]
+        speed.plot(lengths, [r["tokens_per_s"] for r in points], style, label=impl)
+        memory.plot(lengths, [r["peak_gib"] for r in points], style, label=impl)
+    for axis, title in ((speed, "tokens/s"), (memory, "peak memory (GiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(SEQ_LENS, [str(n) for n in SEQ_LENS])
+        axis.set_xlabel(f"sequence length ({TOKENS_PER_STEP} tokens per step)")
+        axis.set_title(title)
+        axis.legend()
+    size.bar([r["model"] for r in rows["size"]], [r["tokens_per_s"] for r in rows["size"]])
+    size.set_yscale("log")
+    size.set_title("tokens/s by model (seq 256)")
+    for bar_row, x in zip(rows["size"], range(len(rows["size"]))):
+        size.annotate(f"MFU {bar_row['mfu']:.2f}", (x, bar_row["tokens_per_s"]), ha="center", va="bottom",
+                      fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

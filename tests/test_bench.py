@@ -1,0 +1,109 @@
+"""The benchmark's yardstick and its report: scripts/reference.py trains exactly the model
+txtrain trains, and scripts/bench.py reports every figure it promises."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import make_config
+from txtrain.model import Transformer
+from txtrain.train import Trainer
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+WORDS = "the quick brown fox jumps over the lazy dog while socrates asks what justice is. "
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def text_run(tmp_path: Path, *extra: str) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(WORDS * 200)
+    return ["task=text", f"task.data.path={corpus}", "task.tokenizer=bytes", f"task.cache_dir={tmp_path / 'cache'}",
+            "task.seq_len=16", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.max_seq_len=16",
+            "train.batch_size=4", "schedule.warmup_steps=2", "optim.lr=3e-3", *extra]
+
+
+def reference_from_txtrain(reference, model: Transformer, vocab_size: int):
+    """The reference GPT holding ``model``'s weights (its q, k, v projections as one)."""
+    cfg = model.cfg
+    gpt = reference.GPT(vocab_size, model.token_embedding.num_embeddings, cfg.max_seq_len, cfg.n_layer,
+                        cfg.n_head, cfg.n_embd)
+    ours = model.state_dict()
+    theirs = {"wte.weight": ours["token_embedding.weight"], "wpe.weight": ours["positions.table.weight"],
+              "ln_f.weight": ours["final_norm.weight"], "ln_f.bias": ours["final_norm.bias"],
+              "head.weight": ours["head.weight"]}
+    for i in range(cfg.n_layer):
+        for kind in ("weight", "bias"):
+            b, r = f"blocks.{i}.", f"blocks.{i}."
+            theirs[r + f"ln1.{kind}"] = ours[b + f"attn_norm.{kind}"]
+            theirs[r + f"ln2.{kind}"] = ours[b + f"ffn_norm.{kind}"]
+            theirs[r + f"attn.qkv.{kind}"] = torch.cat([ours[b + f"attn.query.{kind}"],
+                                                        ours[b + f"attn.key_value.{kind}"]])
+            theirs[r + f"attn.proj.{kind}"] = ours[b + f"attn.out.{kind}"]
+            theirs[r + f"mlp.0.{kind}"] = ours[b + f"ffn.up.{kind}"]
+            theirs[r + f"mlp.2.{kind}"] = ours[b + f"ffn.down.{kind}"]
+    gpt.load_state_dict(theirs)
+    return gpt
+
+
+def test_the_reference_loop_trains_the_same_model_the_same_way(tmp_path):
+    reference = load_script("reference")
+    cfg = make_config(*text_run(tmp_path, "train.steps=6", "train.log_every=1", "train.eval_every=0",
+                                        "train.save_every=0"))
+    trainer = Trainer(cfg, tmp_path / "run")
+    torch.manual_seed(cfg.seed)  # the initial weights the trainer built
+    gpt = reference_from_txtrain(reference, Transformer(cfg.model, trainer.task.vocab_size),
+                                 trainer.task.vocab_size)
+    inputs = torch.randint(0, trainer.task.vocab_size, (2, 16))
+    torch.testing.assert_close(gpt(inputs), trainer.model(inputs), rtol=1e-5, atol=1e-5)
+
+    trainer.fit()
+    ours = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    o, t, s = cfg.optim, cfg.train, cfg.schedule
+    args = SimpleNamespace(device="cpu", precision="fp32", compile=False, lr=o.lr, weight_decay=o.weight_decay,
+                           beta1=o.beta1, beta2=o.beta2, eps=o.eps, grad_clip=t.grad_clip, steps=t.steps,
+                           warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio)
+    batches = ((b.inputs, b.targets) for b in (trainer.task.train_batch(step, t.batch_size) for step in range(t.steps)))
+    theirs = [loss for loss, _ in reference.train(gpt, reference.make_optimizer(gpt, args), batches, args)]
+    assert len(ours) == len(theirs) == 6 and ours[-1] < ours[0]
+    assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_bench_reports_speed_mfu_memory_data_wait_and_start_up(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--steps", "2", "--warmup", "1",
+                           "--pairs", "1", "--no-defaults", "--out", str(out), *text_run(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "MFU" in done.stdout and "ratio" in done.stdout
+    result = json.loads((out / "bench.json").read_text())
+    layers, width, seq, vocab = 2, 32, 16, 256
+    assert result["flops_per_token"] == 6 * (layers * 12 * width**2 + vocab * width) + 12 * layers * seq * width
+    assert result["matmul_peak_flops"] > 1e8
+    for side in ("txtrain", "reference"):
+        figures = result[side]
+        assert figures["tokens_per_s"] > 0 and len(figures["tokens_per_s_per_run"]) == 1
+        assert figures["step_ms_p10_p90"][0] <= figures["step_ms_median"] <= figures["step_ms_p10_p90"][1]
+        assert 0 < figures["mfu"] < 2 and figures["peak_memory_bytes"] > 2**20
+    assert result["ratio"] == pytest.approx(result["txtrain"]["tokens_per_s"] / result["reference"]["tokens_per_s"])
+    assert 0 <= result["txtrain"]["data_wait"] < 1
+    assert 0 < result["txtrain"]["startup_s"] < 120
+
+
+def test_bench_says_why_it_cannot_run_the_reference(tmp_path):
+    bench = load_script("bench")
+    cfg = bench.compose_config(text_run(tmp_path, "model.pos=rope", "optim=sgd"))
+    reason = bench.reference_mismatch(cfg)
+    assert "GPT-2-like" in reason and "adamw" in reason
+    assert bench.reference_mismatch(bench.compose_config(text_run(tmp_path))) is None
