@@ -104,6 +104,7 @@ class Speed:
     share of the time spent waiting for data. Time spent evaluating and saving is left out."""
 
     def __init__(self, tokens: int, step: int):
+        self.started = time.perf_counter()
         self.restart(tokens, step)
 
     def restart(self, tokens: int, step: int) -> None:

@@ -183,7 +183,7 @@ class Trainer:
         compiling: report it on its own and start measuring speed after it."""
         log.run_info(startup_s=process_age())
         if self.cfg.compile:
-            log.info(f"compile: the first step took {time.perf_counter() - speed.clock:.1f}s "
+            log.info(f"compile: the first step took {time.perf_counter() - speed.started:.1f}s "
                      "(compiling included)")
             speed.restart(self.tokens, self.step)
 
