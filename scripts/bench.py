@@ -15,12 +15,18 @@ alternates, so drift in the machine's speed hits both alike. Reported, as one li
   dense peak too);
 - peak memory (CPU: the process's peak resident size; CUDA: the allocator's peak);
 - the share of step time txtrain spent waiting for data, and its start-up time (process start
-  to the end of the first step).
+  to the end of the first step);
+- an interleaved comparison: in this process, txtrain's step (``Trainer.train_step`` on the
+  task's batch) and the reference's step take turns, one step each, starting from the same
+  weights. Whole runs on a shared machine drift by 10-20% from one minute to the next; steps
+  taken in turns see the same machine, so their ratio is the precise one. The two loops'
+  losses are reported side by side: they must agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -36,6 +42,8 @@ from hydra import compose, initialize_config_module
 
 from txtrain.cli import to_config
 from txtrain.config import Config, register_configs
+from txtrain.model import Transformer
+from txtrain.optim import lr_factor
 from txtrain.tasks import build_task
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -55,6 +63,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiling, caches)")
     parser.add_argument("--pairs", type=int, default=3, help="rounds of txtrain + reference")
     parser.add_argument("--no-reference", action="store_true", help="time txtrain only")
+    parser.add_argument("--interleaved-steps", type=int, default=12,
+                        help="steps of each loop taken in turns in this process (0: none)")
     parser.add_argument("--no-defaults", action="store_true",
                         help="start from txtrain's defaults, not the reference config")
     parser.add_argument("--out", type=Path, help="where runs and bench.json go")
@@ -63,14 +73,15 @@ def main() -> None:
     overrides = ([] if args.no_defaults else DEFAULTS) + args.overrides
     out = args.out or Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
-    result = bench(overrides, args.steps, args.warmup, args.pairs, not args.no_reference, out)
+    result = bench(overrides, args.steps, args.warmup, args.pairs, not args.no_reference, out,
+                   args.interleaved_steps)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     print(one_line(result))
     print(f"details: {out / 'bench.json'}")
 
 
 def bench(overrides: list[str], steps: int, warmup: int, pairs: int, with_reference: bool,
-          out: Path) -> dict:
+          out: Path, interleaved_steps: int = 0) -> dict:
     overrides = [*overrides, f"train.steps={warmup + steps}", "train.log_every=1", "train.eval_every=0",
                  "train.save_every=0", "progress=false"]
     cfg = compose_config(overrides)
@@ -111,7 +122,43 @@ def bench(overrides: list[str], steps: int, warmup: int, pairs: int, with_refere
         result["ratio"] = statistics.median(ratios)
     else:
         result["reference_skipped"] = why_not
+    if reference_args is not None and interleaved_steps > 0:
+        result["interleaved"] = take_turns(cfg, warmup, interleaved_steps, out / "interleaved")
     return result
+
+
+def take_turns(cfg: Config, warmup: int, steps: int, run_dir: Path) -> dict:
+    """txtrain's and the reference's training steps in turns, in this process, from the same
+    initial weights: their times' ratio without the machine's drift, and both losses."""
+    from txtrain.train import Trainer
+
+    reference = load_reference()
+    trainer = Trainer(cfg, run_dir)  # the allocator setting, as in a txtrain process
+    torch.manual_seed(cfg.seed)  # the trainer's initial weights, again
+    gpt = reference_with_weights(reference, Transformer(cfg.model, trainer.task.vocab_size),
+                                 trainer.task.vocab_size).to(trainer.device)
+    args = argparse.Namespace(**{key.replace("-", "_"): value for key, value in reference_settings(
+        cfg, trainer.task.vocab_size, trainer.device.type).items()}, compile=cfg.compile)
+    batches = ((batch.inputs, batch.targets) for batch in (trainer.task.train_batch(step, cfg.train.batch_size)
+                                                          for step in range(warmup + steps)))
+    their_steps = reference.train(gpt, reference.make_optimizer(gpt, args), batches, args)
+    times: dict[str, list[float]] = {"txtrain": [], "reference": []}
+    losses: dict[str, list[float]] = {"txtrain": [], "reference": []}
+    for step in range(warmup + steps):
+        for side in (("txtrain", "reference") if step % 2 == 0 else ("reference", "txtrain")):
+            start = time.perf_counter()
+            if side == "txtrain":
+                batch = trainer.task.train_batch(step, cfg.train.batch_size)
+                lr = cfg.optim.lr * lr_factor(cfg.schedule, step, cfg.train.steps)
+                loss = trainer.train_step(batch, lr)[0].item()
+            else:
+                loss = next(their_steps)[0]
+            times[side].append(time.perf_counter() - start)
+            losses[side].append(loss)
+    ratios = [theirs / ours for ours, theirs in zip(times["txtrain"][warmup:], times["reference"][warmup:])]
+    return {"ratio": statistics.median(times["reference"][warmup:]) / statistics.median(times["txtrain"][warmup:]),
+            "ratio_per_step": ratios, "step_ms": {side: [1000 * t for t in ts] for side, ts in times.items()},
+            "losses": losses}
 
 
 def compose_config(overrides: list[str]) -> Config:
@@ -141,18 +188,53 @@ def reference_mismatch(cfg: Config) -> str | None:
     return "; ".join(reasons) or None
 
 
-def reference_command(cfg: Config, vocab_size: int, device: str, out: Path) -> list[str]:
+def reference_settings(cfg: Config, vocab_size: int, device: str) -> dict:
+    """reference.py's options for this config."""
     m, o = cfg.model, cfg.optim
-    command = [sys.executable, str(SCRIPTS / "reference.py"), "--tokens", str(out / "train_tokens.npy"),
-               "--vocab-size", vocab_size, "--vocab-multiple", m.vocab_multiple,
-               "--n-layer", m.n_layer, "--n-head", m.n_head, "--n-embd", m.n_embd,
-               "--seq-len", cfg.task.seq_len, "--batch-size", cfg.train.batch_size,
-               "--steps", cfg.train.steps, "--impl", str(m.impl), "--precision", str(cfg.precision.name),
-               "--lr", o.lr, "--weight-decay", o.weight_decay, "--beta1", o.beta1, "--beta2", o.beta2,
-               "--eps", o.eps, "--grad-clip", cfg.train.grad_clip,
-               "--warmup-steps", cfg.schedule.warmup_steps, "--min-lr-ratio", cfg.schedule.min_lr_ratio,
-               "--device", device, "--seed", cfg.seed]
-    return [str(part) for part in command] + (["--compile"] if cfg.compile else [])
+    return {"vocab-size": vocab_size, "vocab-multiple": m.vocab_multiple, "n-layer": m.n_layer,
+            "n-head": m.n_head, "n-embd": m.n_embd, "seq-len": cfg.task.seq_len,
+            "batch-size": cfg.train.batch_size, "steps": cfg.train.steps, "impl": str(m.impl),
+            "precision": str(cfg.precision.name), "lr": o.lr, "weight-decay": o.weight_decay,
+            "beta1": o.beta1, "beta2": o.beta2, "eps": o.eps, "grad-clip": cfg.train.grad_clip,
+            "warmup-steps": cfg.schedule.warmup_steps, "min-lr-ratio": cfg.schedule.min_lr_ratio,
+            "device": device, "seed": cfg.seed}
+
+
+def reference_command(cfg: Config, vocab_size: int, device: str, out: Path) -> list[str]:
+    options = [str(part) for key, value in reference_settings(cfg, vocab_size, device).items()
+               for part in (f"--{key}", value)]
+    return [sys.executable, str(SCRIPTS / "reference.py"), "--tokens", str(out / "train_tokens.npy"),
+            *options, *(["--compile"] if cfg.compile else [])]
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location("reference", SCRIPTS / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_with_weights(reference, model: Transformer, vocab_size: int) -> torch.nn.Module:
+    """The reference GPT holding ``model``'s weights (its q, k, v projections as one)."""
+    cfg = model.cfg
+    gpt = reference.GPT(vocab_size, model.token_embedding.num_embeddings, cfg.max_seq_len, cfg.n_layer,
+                        cfg.n_head, cfg.n_embd, str(cfg.impl))
+    ours = model.state_dict()
+    theirs = {"wte.weight": ours["token_embedding.weight"], "wpe.weight": ours["positions.table.weight"],
+              "ln_f.weight": ours["final_norm.weight"], "ln_f.bias": ours["final_norm.bias"],
+              "head.weight": ours["head.weight"]}
+    for i in range(cfg.n_layer):
+        block = f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            theirs[block + f"ln1.{kind}"] = ours[block + f"attn_norm.{kind}"]
+            theirs[block + f"ln2.{kind}"] = ours[block + f"ffn_norm.{kind}"]
+            theirs[block + f"attn.qkv.{kind}"] = torch.cat([ours[block + f"attn.query.{kind}"],
+                                                            ours[block + f"attn.key_value.{kind}"]])
+            theirs[block + f"attn.proj.{kind}"] = ours[block + f"attn.out.{kind}"]
+            theirs[block + f"mlp.0.{kind}"] = ours[block + f"ffn.up.{kind}"]
+            theirs[block + f"mlp.2.{kind}"] = ours[block + f"ffn.down.{kind}"]
+    gpt.load_state_dict(theirs)
+    return gpt
 
 
 def run_txtrain(overrides: list[str], run_dir: Path, warmup: int) -> dict:
@@ -274,6 +356,10 @@ def one_line(result: dict) -> str:
         line += f", {ours['mfu_vendor_peak']:.2f} of the data sheet's peak"
     if "reference" in result:
         line += f"; reference MFU {result['reference']['mfu']:.2f}"
+    if "interleaved" in result:
+        turns = result["interleaved"]
+        line += (f"; steps in turns: ratio {turns['ratio']:.3f} (per step, median "
+                 f"{statistics.median(turns['ratio_per_step']):.3f})")
     line += f"; peak memory {ours['peak_memory_bytes'] / 2**30:.2f} GiB"
     if "reference" in result:
         line += f" (reference {result['reference']['peak_memory_bytes'] / 2**30:.2f})"

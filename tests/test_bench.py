@@ -34,37 +34,14 @@ def text_run(tmp_path: Path, *extra: str) -> list[str]:
             "train.batch_size=4", "schedule.warmup_steps=2", "optim.lr=3e-3", *extra]
 
 
-def reference_from_txtrain(reference, model: Transformer, vocab_size: int):
-    """The reference GPT holding ``model``'s weights (its q, k, v projections as one)."""
-    cfg = model.cfg
-    gpt = reference.GPT(vocab_size, model.token_embedding.num_embeddings, cfg.max_seq_len, cfg.n_layer,
-                        cfg.n_head, cfg.n_embd)
-    ours = model.state_dict()
-    theirs = {"wte.weight": ours["token_embedding.weight"], "wpe.weight": ours["positions.table.weight"],
-              "ln_f.weight": ours["final_norm.weight"], "ln_f.bias": ours["final_norm.bias"],
-              "head.weight": ours["head.weight"]}
-    for i in range(cfg.n_layer):
-        for kind in ("weight", "bias"):
-            b, r = f"blocks.{i}.", f"blocks.{i}."
-            theirs[r + f"ln1.{kind}"] = ours[b + f"attn_norm.{kind}"]
-            theirs[r + f"ln2.{kind}"] = ours[b + f"ffn_norm.{kind}"]
-            theirs[r + f"attn.qkv.{kind}"] = torch.cat([ours[b + f"attn.query.{kind}"],
-                                                        ours[b + f"attn.key_value.{kind}"]])
-            theirs[r + f"attn.proj.{kind}"] = ours[b + f"attn.out.{kind}"]
-            theirs[r + f"mlp.0.{kind}"] = ours[b + f"ffn.up.{kind}"]
-            theirs[r + f"mlp.2.{kind}"] = ours[b + f"ffn.down.{kind}"]
-    gpt.load_state_dict(theirs)
-    return gpt
-
-
 def test_the_reference_loop_trains_the_same_model_the_same_way(tmp_path):
-    reference = load_script("reference")
+    reference, bench = load_script("reference"), load_script("bench")
     cfg = make_config(*text_run(tmp_path, "train.steps=6", "train.log_every=1", "train.eval_every=0",
                                         "train.save_every=0"))
     trainer = Trainer(cfg, tmp_path / "run")
     torch.manual_seed(cfg.seed)  # the initial weights the trainer built
-    gpt = reference_from_txtrain(reference, Transformer(cfg.model, trainer.task.vocab_size),
-                                 trainer.task.vocab_size)
+    gpt = bench.reference_with_weights(reference, Transformer(cfg.model, trainer.task.vocab_size),
+                                       trainer.task.vocab_size)
     inputs = torch.randint(0, trainer.task.vocab_size, (2, 16))
     torch.testing.assert_close(gpt(inputs), trainer.model(inputs), rtol=1e-5, atol=1e-5)
 
@@ -83,7 +60,7 @@ def test_the_reference_loop_trains_the_same_model_the_same_way(tmp_path):
 def test_bench_reports_speed_mfu_memory_data_wait_and_start_up(tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--steps", "2", "--warmup", "1",
-                           "--pairs", "1", "--no-defaults", "--out", str(out), *text_run(tmp_path)],
+                           "--pairs", "1", "--interleaved-steps", "2", "--no-defaults", "--out", str(out), *text_run(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr + done.stdout
     assert "MFU" in done.stdout and "ratio" in done.stdout
@@ -99,6 +76,9 @@ def test_bench_reports_speed_mfu_memory_data_wait_and_start_up(tmp_path):
     assert result["ratio"] == pytest.approx(result["txtrain"]["tokens_per_s"] / result["reference"]["tokens_per_s"])
     assert 0 <= result["txtrain"]["data_wait"] < 1
     assert 0 < result["txtrain"]["startup_s"] < 120
+    turns = result["interleaved"]  # the same weights and batches: the same losses
+    assert len(turns["losses"]["txtrain"]) == 3 and turns["ratio"] > 0
+    assert turns["losses"]["reference"] == pytest.approx(turns["losses"]["txtrain"], rel=1e-5)
 
 
 def test_bench_says_why_it_cannot_run_the_reference(tmp_path):

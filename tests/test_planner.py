@@ -10,7 +10,7 @@ import torch
 from conftest import make_config, run_txtrain
 from txtrain.model.positions import Rotary
 from txtrain.model.transformer import Block
-from txtrain.planner import Activations, Layout, plan_memory, what_fits
+from txtrain.planner import Activations, Layout, meta_model, plan_memory, skip_initializers, what_fits
 
 
 def saved_for_backward(block: Block, x: torch.Tensor, dtype) -> int:
@@ -93,3 +93,13 @@ def test_a_pipeline_plan_needs_ranks(tmp_path):
     result = run_txtrain("parallel=pipeline", "plan=true", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: parallel=pipeline needs 2 or more ranks")
+
+
+def test_the_meta_model_skips_initializers_and_puts_them_back():
+    normal, uniform = torch.nn.init.normal_, torch.nn.init.uniform_
+    with skip_initializers():
+        assert torch.nn.init.normal_(torch.ones(3)).tolist() == [1.0, 1.0, 1.0]
+    assert (torch.nn.init.normal_, torch.nn.init.uniform_) == (normal, uniform)
+    model = meta_model(make_config("model=gpt2").model, 50257)  # shapes only, nothing to set
+    assert model.head.weight.is_meta and model.head.weight.shape == (50304, 768)
+    assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5  # the real one again
