@@ -249,6 +249,9 @@ def run_txtrain(overrides: list[str], run_dir: Path, warmup: int) -> dict:
             "data_wait": statistics.mean(r["data_wait"] for r in timed),
             "startup_s": json.loads((run_dir / "run.json").read_text()).get("startup_s"),
             "peak_memory_bytes": memory["measured_peak"] if on_cuda else max_rss,
+            # txtrain's own figures: the peak over training steps only (evaluation and saving
+            # left out), and what its planner predicted
+            "training_peak_bytes": memory["measured_peak"], "planned_peak_bytes": memory["planned"]["peak"],
             "losses": [r["loss"] for r in records]}
 
 
@@ -285,7 +288,7 @@ def summarize(runs: list[dict], flops: float, peak: float, device: str, dtype: s
     vendor = vendor_peak(device, dtype)
     if vendor:
         summary["mfu_vendor_peak"] = achieved / vendor
-    for key in ("data_wait", "startup_s"):
+    for key in ("data_wait", "startup_s", "training_peak_bytes", "planned_peak_bytes"):
         values = [run[key] for run in runs if run.get(key) is not None]
         if values:
             summary[key] = statistics.median(values)

@@ -19,7 +19,7 @@ from pathlib import Path
 import bench
 
 TOKENS_PER_STEP = 2048
-REFERENCE_MODEL = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384"]
+REFERENCE_MODEL = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.max_seq_len=1024"]
 SEQ_LENS = (128, 256, 512, 1024)
 SIZES = {"tiny": ["model=tiny"], "small": ["model=small"], "base": ["model=base"],
          "6x384": REFERENCE_MODEL, "gpt2": ["model=gpt2", "train.batch_size=4", "train.micro_batch_size=4"]}
@@ -43,9 +43,10 @@ def main() -> None:
         result = bench.bench(COMMON + overrides + args.overrides, args.steps, warmup, 1, False, folder)
         ours = result["txtrain"]
         rows[kind].append({**label, "tokens_per_s": ours["tokens_per_s"], "mfu": ours["mfu"],
-                           "peak_gib": ours["peak_memory_bytes"] / 2**30,
+                           "peak_gib": ours["training_peak_bytes"] / 2**30,
+                           "planned_gib": ours["planned_peak_bytes"] / 2**30,
                            "mflop_per_token": result["flops_per_token"] / 1e6})
-        print(kind, label, f"{ours['tokens_per_s']:.0f} tok/s, {ours['peak_memory_bytes'] / 2**30:.2f} GiB",
+        print(kind, label, f"{ours['tokens_per_s']:.0f} tok/s, {rows[kind][-1]['peak_gib']:.2f} GiB",
               flush=True)
 
     for seq_len in SEQ_LENS:
@@ -68,16 +69,21 @@ def main() -> None:
 
 
 def tables(rows: dict) -> str:
-    lines = ["| seq len | impl | tokens/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['seq_len']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {r['peak_gib']:.2f} |"
+    memory = "peak memory, GiB (planned)"
+    lines = [f"| seq len | impl | tokens/s | MFU | {memory} |", "|---|---|---|---|---|"]
+    lines += [f"| {r['seq_len']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {gib(r)} |"
               for r in rows["seq_len"]]
-    lines += ["", "| model | MFLOP/token | tokens/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|"]
+    lines += ["", f"| model | MFLOP/token | tokens/s | MFU | {memory} |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['mflop_per_token']:,.0f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | "
-              f"{r['peak_gib']:.2f} |" for r in rows["size"]]
-    lines += ["", "| compile | tokens/s | MFU | peak memory (GiB) |", "|---|---|---|---|"]
-    lines += [f"| {'on' if r['compile'] else 'off'} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | "
-              f"{r['peak_gib']:.2f} |" for r in rows["compile"]]
+              f"{gib(r)} |" for r in rows["size"]]
+    lines += ["", f"| compile | tokens/s | MFU | {memory} |", "|---|---|---|---|"]
+    lines += [f"| {'on' if r['compile'] else 'off'} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {gib(r)} |"
+              for r in rows["compile"]]
     return "\n".join(lines) + "\n"
+
+
+def gib(row: dict) -> str:
+    return f"{row['peak_gib']:.2f} ({row['planned_gib']:.2f})"
 
 
 def plot(rows: dict, path: Path) -> None:
@@ -91,8 +97,9 @@ def plot(rows: dict, path: Path) -> None:
         points = [r for r in rows["seq_len"] if r["impl"] == impl]
         lengths = [r["seq_len"] for r in points]
         speed.plot(lengths, [r["tokens_per_s"] for r in points], style, label=impl)
-        memory.plot(lengths, [r["peak_gib"] for r in points], style, label=impl)
-    for axis, title in ((speed, "tokens/s"), (memory, "peak memory (GiB)")):
+        memory.plot(lengths, [r["peak_gib"] for r in points], style, label=f"{impl}, measured")
+        memory.plot(lengths, [r["planned_gib"] for r in points], ":", label=f"{impl}, planned")
+    for axis, title in ((speed, "tokens/s"), (memory, "peak memory over training steps (GiB)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(SEQ_LENS, [str(n) for n in SEQ_LENS])
         axis.set_xlabel(f"sequence length ({TOKENS_PER_STEP} tokens per step)")

@@ -173,7 +173,6 @@ class SingleProcess:
             dist.destroy_process_group()
 
 
-
 def state_dict_options():
     """Optimizer state keyed by parameter name, so any layout loads into any other.
     (torch.distributed.checkpoint is imported when first needed: it adds a second to start-up.)"""
