@@ -93,12 +93,12 @@ def plot(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (speed, memory, size) = plt.subplots(1, 3, figsize=(13, 3.8))
-    for impl, style in (("manual", "o--"), ("sdpa", "s-")):
+    for impl, style, color in (("manual", "o--", "C0"), ("sdpa", "s-", "C1")):
         points = [r for r in rows["seq_len"] if r["impl"] == impl]
         lengths = [r["seq_len"] for r in points]
-        speed.plot(lengths, [r["tokens_per_s"] for r in points], style, label=impl)
-        memory.plot(lengths, [r["peak_gib"] for r in points], style, label=f"{impl}, measured")
-        memory.plot(lengths, [r["planned_gib"] for r in points], ":", label=f"{impl}, planned")
+        speed.plot(lengths, [r["tokens_per_s"] for r in points], style, color=color, label=impl)
+        memory.plot(lengths, [r["peak_gib"] for r in points], style, color=color, label=f"{impl}, measured")
+        memory.plot(lengths, [r["planned_gib"] for r in points], ":", color=color, label=f"{impl}, planned")
     for axis, title in ((speed, "tokens/s"), (memory, "peak memory over training steps (GiB)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(SEQ_LENS, [str(n) for n in SEQ_LENS])
