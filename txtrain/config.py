@@ -299,6 +299,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 250  # 0: only at the end
     save_every: int = 500  # 0: only at the end
+    keep_last: int = 0  # keep only the newest K checkpoints; 0: keep all
     eval_batch_size: int = 500
     skip_nonfinite: int = 0  # 0: stop at a non-finite loss; K: skip up to K such steps in a row
 
@@ -308,8 +309,8 @@ class TrainConfig:
         if self.micro_batch_size is not None:
             require_positive("train", micro_batch_size=self.micro_batch_size)
         require(self.skip_nonfinite >= 0, "train.skip_nonfinite must not be negative")
-        require(self.eval_every >= 0 and self.save_every >= 0,
-                "train.eval_every and train.save_every must not be negative")
+        require(self.eval_every >= 0 and self.save_every >= 0 and self.keep_last >= 0,
+                "train.eval_every, train.save_every and train.keep_last must not be negative")
         require(self.grad_clip >= 0, "train.grad_clip must not be negative")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from txtrain.allocator import keep_freed_memory
-from txtrain.checkpoint import (Checkpoints, capture_rng, find_checkpoint, load_meta, load_state,
-                                restore_rng)
+from txtrain.checkpoint import (Checkpoints, SaveFailed, capture_rng, find_checkpoint, load_meta,
+                                load_state, restore_rng)
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
@@ -65,13 +65,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(cfg.precision, self.device, self.strategy.world_size)
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.strategy.is_main,
-                                       self.strategy.barrier)
+                                       self.strategy.barrier, cfg.train.keep_last)
         self.step = 0
         self.tokens = 0  # target tokens consumed so far, all ranks
         self.last_loss = float("nan")  # the latest logged training loss
         self.last_eval: dict = {}
         self.skipped_steps = 0  # steps not taken: non-finite loss or gradients
         self.nonfinite_in_a_row = 0
+        self.damaged: list[str] = []  # damaged checkpoints that resuming passed over
         self.resumed_from = self.resume()
         self.first_step = self.step
 
@@ -109,7 +110,7 @@ class Trainer:
                 if is_due(self.step, train.eval_every, train.steps):
                     self.evaluate(log)
                 if is_due(self.step, train.save_every, train.steps):
-                    self.save()
+                    self.save(log)
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
         self.report_memory(log)
@@ -211,7 +212,14 @@ class Trainer:
             for i, prompt in enumerate(sampling.prompts)])
 
     # --- checkpoints ------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, log: RunLog) -> None:
+        """A checkpoint; one that fails to save (a full disk) is reported and training goes on."""
+        try:
+            self.write_checkpoint()
+        except SaveFailed as failure:
+            log.info(f"warning: {failure}")
+
+    def write_checkpoint(self) -> None:
         meta = {
             "step": self.step,
             "tokens": self.tokens,
@@ -227,7 +235,7 @@ class Trainer:
         self.checkpoints.save(self.step, self.strategy.state_dict(self.model, self.optimizer), meta)
 
     def resume(self) -> Path | None:
-        path = find_checkpoint(self.cfg.resume, self.run_dir)
+        path = find_checkpoint(self.cfg.resume, self.run_dir, log=self.damaged.append)
         if path is None:
             return None
         meta = load_meta(path)
@@ -258,6 +266,8 @@ class Trainer:
         budget = self.cfg.plan.device_memory_gb or planner.device_memory_gb(self.device)
         for line in planner.report(self.cfg, self.layout, self.plans, budget):
             log.info(line)
+        for line in self.damaged:
+            log.info(f"warning: {line}")
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} at step {self.step}")
         log.info(f"run dir: {self.run_dir}")
