@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from txtrain import distributed
 from txtrain.config import Config, ConfigError, TrainingStopped, register_configs
+from txtrain.stopping import INTERRUPTED_STATUS, Interrupted
 
 USER_ERROR_STATUS = 2
 log = logging.getLogger("txtrain")
@@ -76,6 +77,11 @@ def run(raw: DictConfig) -> dict:
         exit_with_user_error(error)
     except TrainingStopped as error:
         exit_with_user_error(error, status=1)
+    except Interrupted as stopped:
+        if trainer.strategy.is_main:
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        trainer.strategy.close()
+        sys.exit(INTERRUPTED_STATUS)
     if trainer.strategy.is_main:
         print(summary_line(summary, trainer.run_dir), flush=True)
     trainer.strategy.close()
@@ -137,6 +143,8 @@ def main() -> None:
         run()
     except (ConfigError, HydraException) as error:  # raised while Hydra composes the config
         exit_with_user_error(error)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now, not a traceback
+        sys.exit(130)
 
 
 # A plan writes nothing: no run dir, no saved config, no log file (the handler opens it lazily).

@@ -8,6 +8,7 @@ runs when the composed config is turned into these objects (``OmegaConf.to_objec
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -300,6 +301,7 @@ class TrainConfig:
     eval_every: int = 250  # 0: only at the end
     save_every: int = 500  # 0: only at the end
     keep_last: int = 0  # keep only the newest K checkpoints; 0: keep all
+    stop_signal: Optional[str] = None  # also stop gracefully on this signal (SLURM's --signal: SIGUSR1)
     eval_batch_size: int = 500
     skip_nonfinite: int = 0  # 0: stop at a non-finite loss; K: skip up to K such steps in a row
 
@@ -311,6 +313,8 @@ class TrainConfig:
         require(self.skip_nonfinite >= 0, "train.skip_nonfinite must not be negative")
         require(self.eval_every >= 0 and self.save_every >= 0 and self.keep_last >= 0,
                 "train.eval_every, train.save_every and train.keep_last must not be negative")
+        require(self.stop_signal is None or self.stop_signal in signal.Signals.__members__,
+                f"train.stop_signal={self.stop_signal} is not a signal name (SIGUSR1, SIGTERM, ...)")
         require(self.grad_clip >= 0, "train.grad_clip must not be negative")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
 

@@ -33,6 +33,7 @@ from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
 from txtrain.precision import Precision
 from txtrain.runinfo import process_age, run_identity
+from txtrain.stopping import Interrupted, StopRequests
 from txtrain.tasks import IGNORE_INDEX, Batch, Task, build_task
 
 
@@ -86,31 +87,34 @@ class Trainer:
         log.run_info(**run_identity(self.strategy.world_size, self.device))
         started, tokens_at_start = time.perf_counter(), self.tokens
         speed = Speed(self.tokens, self.step)
-        while self.step < train.steps:
-            data_step = 0 if self.cfg.debug.overfit_batch else self.step
-            with speed.waiting_for_data():
-                batch = self.task.train_batch(data_step, train.batch_size)
-            lr = self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.step, train.steps)
-            loss, grad_norm = self.train_step(batch, lr)
-            self.step += 1
-            self.tokens += batch.n_targets
+        with StopRequests(train.stop_signal) as stop:  # SIGTERM, Ctrl-C: save, then leave
+            while self.step < train.steps:
+                data_step = 0 if self.cfg.debug.overfit_batch else self.step
+                with speed.waiting_for_data():
+                    batch = self.task.train_batch(data_step, train.batch_size)
+                lr = self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.step, train.steps)
+                loss, grad_norm = self.train_step(batch, lr)
+                self.step += 1
+                self.tokens += batch.n_targets
 
-            record = None
-            if self.step % train.log_every == 0 or self.step == train.steps:
-                self.last_loss = loss.item()
-                record = {"step": self.step, "loss": finite_or_none(self.last_loss), "lr": lr,
-                          "grad_norm": finite_or_none(grad_norm.item()), "tokens": self.tokens,
-                          **speed.measure(self.tokens, self.step),
-                          "skipped_steps": self.skipped_steps, **self.precision.metrics()}
-            log.step(record)
-            if self.step == self.first_step + 1:
-                self.after_first_step(log, speed)
+                record = None
+                if self.step % train.log_every == 0 or self.step == train.steps:
+                    self.last_loss = loss.item()
+                    record = {"step": self.step, "loss": finite_or_none(self.last_loss), "lr": lr,
+                              "grad_norm": finite_or_none(grad_norm.item()), "tokens": self.tokens,
+                              **speed.measure(self.tokens, self.step),
+                              "skipped_steps": self.skipped_steps, **self.precision.metrics()}
+                log.step(record)
+                if self.step == self.first_step + 1:
+                    self.after_first_step(log, speed)
 
-            with self.peak_memory.paused(), speed.paused():  # evaluation and saving are not training
-                if is_due(self.step, train.eval_every, train.steps):
-                    self.evaluate(log)
-                if is_due(self.step, train.save_every, train.steps):
-                    self.save(log)
+                with self.peak_memory.paused(), speed.paused():  # evaluation and saving are not training
+                    if is_due(self.step, train.eval_every, train.steps):
+                        self.evaluate(log)
+                    if is_due(self.step, train.save_every, train.steps):
+                        self.save(log)
+                    if stop.agreed(self.device):
+                        self.stop_here(log, stop.received)
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
         self.report_memory(log)
@@ -120,6 +124,12 @@ class Trainer:
                    "tokens_per_s": (self.tokens - tokens_at_start) / seconds}
         self.finish(log, summary)
         return summary
+
+    def stop_here(self, log: RunLog, signal_name: str) -> None:
+        """Asked to stop: save this step and leave (``Interrupted``)."""
+        self.save(log)
+        log.close()
+        raise Interrupted(self.step, signal_name, self.checkpoints.latest())
 
     def finish(self, log: RunLog, summary: dict) -> None:
         """The result into run.json, and the curves into loss.png."""
