@@ -1,5 +1,5 @@
-"""Stopping on request: SIGTERM saves the current step and exits with its own status, and
-rerunning the same command continues to the same losses as a run never stopped."""
+"""Stopping: SIGTERM saves the current step and exits with its own status; after SIGTERM or
+kill -9, rerunning the same command continues to the same losses as a run never stopped."""
 
 import json
 import os
@@ -57,3 +57,18 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(tmp_path, 
 def test_an_unknown_stop_signal_is_a_config_error():
     with pytest.raises(ConfigError, match="SIGFOO is not a signal name"):
         make_config("train.stop_signal=SIGFOO")
+
+
+def test_after_kill_9_the_rerun_continues_from_the_last_checkpoint_exactly(tmp_path):
+    killed = start_and_signal(tmp_path / "run", signal.SIGKILL, 17, "train.save_every=5")
+    assert killed.returncode == -signal.SIGKILL
+    assert max(losses(tmp_path / "run")) < 60  # it died mid-run, some steps after a checkpoint
+    again = run_txtrain(*RUN, "train.save_every=5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr + again.stdout
+    whole = run_txtrain(*RUN, "train.save_every=5", f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
+    whole_losses = losses(tmp_path / "whole")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) >= 60  # steps between the checkpoint and the kill ran twice ...
+    assert all(r["loss"] == whole_losses[r["step"]] for r in records)  # ... alike, as did the rest
+    assert set(whole_losses) == {r["step"] for r in records}
