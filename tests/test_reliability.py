@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_config, run_txtrain
 from txtrain.checkpoint import Checkpoints, DamagedCheckpoint, verify
+from txtrain.config import ConfigError
 from txtrain.train import Trainer
 
 RUN = ["train.log_every=1", "train.eval_every=0", "train.save_every=5"]
@@ -97,3 +98,17 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_the_run_goes_on(tmp_pa
     assert not list(checkpoints.directory.glob(".*.tmp"))  # nothing half-written is left
     assert "saving the checkpoint of step 10 failed" in caplog.text
     assert "No space left on device" in caplog.text and "step_000005) is intact" in caplog.text
+
+
+def test_starting_over_in_a_run_dir_with_checkpoints_needs_overwrite(tmp_path):
+    train(tmp_path, "train.steps=10")
+    before = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*"))
+    with pytest.raises(ConfigError, match="already holds a run's checkpoints .* overwrite=true"):
+        Trainer(make_config(*RUN, "train.steps=5", "resume=never"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").rglob("*")) == before  # untouched
+
+    trainer = train(tmp_path, "train.steps=5", "resume=never", "overwrite=true", "seed=1")
+    assert trainer.resumed_from is None and trainer.step == 5
+    assert [p.name for p in Checkpoints(tmp_path / "checkpoints").saved()] == ["step_000005"]
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5]  # the old run's log went with it
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5

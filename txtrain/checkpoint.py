@@ -205,7 +205,7 @@ def find_checkpoint(resume: str, run_dir: Path, log: Callable[[str], None] = lam
             log(f"{line}; passed over")
         if path is None and skipped:
             raise DamagedCheckpoint(f"every checkpoint in {checkpoints.directory} is damaged; start "
-                                    "afresh with resume=never (or another hydra.run.dir)")
+                                    "afresh with resume=never overwrite=true (or another hydra.run.dir)")
         return path
     path = Path(resume).expanduser()
     for candidate in (path, path / "checkpoints"):

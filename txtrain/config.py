@@ -355,6 +355,7 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
     resume: str = "auto"  # auto (latest in the run dir) | never | a checkpoint path
+    overwrite: bool = False  # with resume=never: start over in a run dir that holds checkpoints
     progress: bool = True  # progress bar, shown only on a terminal
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each block (the first steps pay for compiling)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from enum import Enum
 from pathlib import Path
@@ -245,6 +246,8 @@ class Trainer:
         self.checkpoints.save(self.step, self.strategy.state_dict(self.model, self.optimizer), meta)
 
     def resume(self) -> Path | None:
+        if self.cfg.resume == "never":
+            self.start_over()
         path = find_checkpoint(self.cfg.resume, self.run_dir, log=self.damaged.append)
         if path is None:
             return None
@@ -261,6 +264,23 @@ class Trainer:
         rng = meta["rng"]
         restore_rng(rng[self.strategy.rank] if len(rng) == self.strategy.world_size else rng[0])
         return path
+
+    def start_over(self) -> None:
+        """resume=never in a run dir that holds another run's checkpoints: refuse, unless
+        overwrite=true, which deletes them and the logs that go with them."""
+        earlier = self.checkpoints.saved()
+        if not earlier:
+            return
+        if not self.cfg.overwrite:
+            raise ConfigError(f"{self.run_dir} already holds a run's checkpoints ({earlier[-1].name} "
+                              "and maybe more); continue it with resume=auto, start over there with "
+                              "resume=never overwrite=true (deletes them), or choose another hydra.run.dir")
+        self.strategy.barrier()  # every rank has looked before anything goes
+        if self.strategy.is_main:
+            shutil.rmtree(self.checkpoints.directory)
+            for name in ("metrics.jsonl", "eval.jsonl", "samples.txt"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        self.strategy.barrier()
 
     def announce(self, log: RunLog) -> None:
         train = self.cfg.train
@@ -335,4 +355,5 @@ def check_compatible(state: dict, model_config: dict, vocab_size: int, path: Pat
               if k not in RUNTIME_ONLY and saved.get(k) != wanted.get(k)]
     if differ:
         raise ConfigError(f"checkpoint {path} was written by a different model ({', '.join(differ)}); "
-                          "use the same model settings, resume=never, or another hydra.run.dir")
+                          "use the same model settings, start over with resume=never overwrite=true, or "
+                          "choose another hydra.run.dir")
