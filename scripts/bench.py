@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 
+from txtrain import runinfo
 from txtrain.cli import to_config
 from txtrain.config import Config, register_configs
 from txtrain.model import Transformer
@@ -330,11 +331,7 @@ def synchronize(device: str) -> None:
 
 
 def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return runinfo.device_name(torch.device(device)) + f", {torch.get_num_threads()} CPU threads"
 
 
 def vendor_peak(device: str, dtype: str) -> float | None:

@@ -82,9 +82,12 @@ class Checkpoints:
         self.is_main = is_main
         self.barrier = barrier
         self.keep_last = keep_last  # 0: keep every checkpoint
+        self.last_written: Path | None = None  # by this process: known whole, no need to verify
 
     def save(self, step: int, state: dict, meta: dict) -> Path:
         final = self.directory / step_dir_name(step)
+        if final == self.last_written:  # saved a moment ago (a stop request at a save step)
+            return final
         if final.exists():
             try:
                 verify(final)
@@ -108,6 +111,7 @@ class Checkpoints:
             os.replace(pointer_tmp, self.directory / POINTER)
             self.prune()
         self.barrier()
+        self.last_written = final
         return final
 
     def write(self, tmp: Path, step: int, state: dict, meta: dict) -> None:
