@@ -1,6 +1,9 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,32 @@ def run_txtrain(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Compl
 @pytest.fixture
 def config():
     return make_config
+
+
+@dataclass
+class Outcome:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def call_txtrain(*args: str) -> Outcome:
+    """Run the command line in this process: much faster than ``run_txtrain`` where a
+    mistake is refused before any training starts."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from txtrain import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    argv = sys.argv
+    sys.argv = ["txtrain", "progress=false", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as leaving:
+        status = leaving.code if isinstance(leaving.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+    return Outcome(status, out.getvalue(), err.getvalue())

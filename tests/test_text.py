@@ -148,29 +148,6 @@ def test_a_download_is_fetched_once_and_verified(tmp_path):
         find_corpus(CorpusConfig(url=url, sha256=digest), str(tmp_path / "other-cache"))
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda d: d / "absent", "no such file or folder"),
-    (lambda d: write(d / "empty.txt", ""), "is empty"),
-    (lambda d: write(d / "blank" / "a.txt", "  \n\n").parent, "is empty"),
-    (lambda d: (d / "nothing").mkdir() or d / "nothing", "without .txt files"),
-    (lambda d: (d / "latin1.txt").write_bytes("café".encode("latin-1")) and d / "latin1.txt", "not UTF-8"),
-    (lambda d: (d / "bin.txt").write_bytes(b"ab\0cd") and d / "bin.txt", "looks binary"),
-    (lambda d: write(d / "short.txt", "too short"), "too few"),
-])
-def test_bad_corpora_are_one_line_errors(tmp_path, make, message):
-    path = make(tmp_path)
-    result = run_txtrain("task=text", f"task.data.path={path}", "task.tokenizer=char",
-                         f"task.cache_dir={tmp_path / 'cache'}", "train.steps=1", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
-
-
-def test_text_task_needs_a_corpus(tmp_path):
-    result = run_txtrain("task=text", "train.steps=1", cwd=tmp_path)
-    assert result.returncode == 2 and "task.data.path" in result.stderr
-
-
 # --- sampling -----------------------------------------------------------------------------------
 def fixed_logits(values):
     logits = torch.tensor([values], dtype=torch.float)

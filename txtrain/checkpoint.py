@@ -7,7 +7,8 @@ them back into any other: fsdp over 2 processes into one, a pipeline into ddp, .
 temporary folder and renamed into place, and ``checkpoints/latest`` is replaced atomically
 after it, so the pointer only ever names a complete checkpoint.
 
-``manifest.json``, written last inside the folder, lists every file with its size and sha256.
+``manifest.json``, written last inside the folder, lists every file with its size and sha256,
+and the hash of the run's config (``compat.run_config``).
 Loading verifies it: a truncated or altered checkpoint is named as damaged, and ``resume=auto``
 falls back to the newest one that is whole. ``train.keep_last=K`` deletes all but the newest K
 after each save (the one just written, which is whole, always stays). A save that fails (a
@@ -127,7 +128,7 @@ class Checkpoints:
             torch.save(meta, tmp / META_FILE)
         self.barrier()
         if self.is_main:
-            write_manifest(tmp, step)
+            write_manifest(tmp, step, meta.get("config_hash"))
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` checkpoints (the newest was just written whole)."""
@@ -161,11 +162,11 @@ class Checkpoints:
         return self.directory / pointer.read_text().strip()
 
 
-def write_manifest(folder: Path, step: int) -> None:
+def write_manifest(folder: Path, step: int, config_hash: str | None = None) -> None:
     files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
     partial = folder / f".{MANIFEST}.tmp"
-    partial.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    partial.write_text(json.dumps({"step": step, "config_hash": config_hash, "files": files}, indent=1) + "\n")
     os.replace(partial, folder / MANIFEST)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,8 +53,15 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
             reject_unknown_keys(child, f"{path}{key}.")
 
 
+# Set once Hydra hands over the composed config. Before that, whatever goes wrong comes from
+# overrides Hydra could not apply; after it, an unexpected exception is a bug.
+config_composed = False
+
+
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def run(raw: DictConfig) -> dict:
+    global config_composed
+    config_composed = True
     try:
         cfg = to_config(raw)
         if cfg.plan.only:
@@ -71,9 +78,12 @@ def run(raw: DictConfig) -> dict:
         from txtrain.train import Trainer  # torch loads only once the config is known to be good
 
         trainer = Trainer(cfg, run_dir)
+        if trainer.strategy.is_main:
+            record_config(raw, run_dir)
         summary = trainer.fit()
     except ConfigError as error:
         # Leave here rather than through Hydra, which would add a line of its own.
+        remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         exit_with_user_error(error)
     except TrainingStopped as error:
         exit_with_user_error(error, status=1)
@@ -86,6 +96,26 @@ def run(raw: DictConfig) -> dict:
         print(summary_line(summary, trainer.run_dir), flush=True)
     trainer.strategy.close()
     return summary
+
+
+def record_config(raw: DictConfig, run_dir: Path) -> None:
+    """What Hydra would have saved in .hydra/ (it is told not to, see train.yaml): the composed
+    config, Hydra's own, and the command line's overrides."""
+    hydra_cfg = HydraConfig.get()
+    saved = {"config.yaml": raw, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": hydra_cfg.overrides.task}
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in saved.items():
+        (folder / name).write_text(OmegaConf.to_yaml(content), encoding="utf-8")
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """A refused command leaves no empty run dir behind (Hydra makes it before txtrain runs)."""
+    try:
+        run_dir.rmdir()  # only ever removes an empty folder
+    except OSError:
+        pass
 
 
 def summary_line(summary: dict, run_dir: Path) -> str:
@@ -129,6 +159,8 @@ def describe_error(error: BaseException) -> str:
 
 
 def main() -> None:
+    global config_composed
+    config_composed = False
     register_configs()
     OmegaConf.register_new_resolver(
         "started", lambda pattern: distributed.start_time().strftime(pattern), replace=True)
@@ -141,10 +173,20 @@ def main() -> None:
         sys.argv += distributed.hydra_overrides_for_rank()
     try:
         run()
+    except OverrideParseException as error:  # Hydra's message does not say which override
+        exit_with_user_error(ConfigError(f"cannot read the override {error.override!r}: "
+                                         f"{describe_error(error)}"))
     except (ConfigError, HydraException) as error:  # raised while Hydra composes the config
         exit_with_user_error(error)
+    except OSError as error:  # a run dir that cannot be made or written, a full disk, ...
+        where = f" {error.filename}" if error.filename else ""
+        exit_with_user_error(ConfigError(f"cannot write{where}: {error.strerror or error}"))
     except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now, not a traceback
         sys.exit(130)
+    except Exception as error:  # e.g. `model=0`: Hydra raises a bare ValueError for it
+        if config_composed:
+            raise
+        exit_with_user_error(error)
 
 
 # A plan writes nothing: no run dir, no saved config, no log file (the handler opens it lazily).

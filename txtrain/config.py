@@ -206,6 +206,9 @@ class TextTaskConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         require_positive("task", seq_len=self.seq_len)
+        require(self.tokenizer_file is None or self.tokenizer not in ("bytes", "char"),
+                f"task.tokenizer_file works with task.tokenizer=gpt2, not {self.tokenizer} "
+                "(which needs no file)")
         require(self.temperature >= 0, "task.temperature must not be negative (0: greedy)")
         require(0 < self.val_fraction < 1, f"task.val_fraction must be in (0, 1), got {self.val_fraction}")
         require(self.sample_tokens >= 0, "task.sample_tokens must not be negative")
@@ -360,6 +363,11 @@ class Config:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each block (the first steps pay for compiling)
     logger: Logger = Logger.jsonl  # tensorboard: also TensorBoard event files (JSONL stays on)
+
+    def __post_init__(self) -> None:  # checks across groups
+        require(not (self.parallel.name == Strategy.pipeline and self.model.tie_embeddings),
+                "parallel=pipeline cannot tie the input and output embeddings (they live on the "
+                "first and last stage); set model.tie_embeddings=false")
 
 
 def register_configs() -> None:

@@ -41,6 +41,7 @@ from torch import nn
 
 from txtrain.config import Config, ConfigError, ModelConfig
 from txtrain.optim import optimizer_state_bytes
+from txtrain.parallel.base import data_parallel_micro_batch, pipeline_micro_batch
 
 GiB = 2**30
 FP32 = 4
@@ -387,6 +388,11 @@ def check_world_size(cfg: Config, world: int) -> None:
     if strategy == "fsdp" and world % cfg.parallel.replicate:
         raise ConfigError(f"parallel.replicate={cfg.parallel.replicate} does not divide "
                           f"plan.world_size={world}")
+    if strategy == "pipeline":
+        pipeline_micro_batch(cfg.train.batch_size, cfg.train.micro_batch_size, cfg.parallel.n_microbatches)
+    else:
+        data_parallel_micro_batch(cfg.train.batch_size, cfg.train.micro_batch_size,
+                                  world if strategy in ("ddp", "fsdp") else 1)
 
 
 def report(cfg: Config, layout: Layout, plans: list[RankPlan],

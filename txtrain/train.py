@@ -8,13 +8,11 @@ either.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import shutil
 import time
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from omegaconf import OmegaConf
 from txtrain.allocator import keep_freed_memory
 from txtrain.checkpoint import (Checkpoints, SaveFailed, capture_rng, find_checkpoint, load_meta,
                                 load_state, restore_rng)
+from txtrain.compat import check_same_model, check_same_run, config_hash, plain, run_config
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
@@ -66,6 +65,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.strategy.rank)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.precision = Precision(cfg.precision, self.device, self.strategy.world_size)
+        self.run_config = run_config(cfg)  # what a checkpoint of this run must agree with to resume
         self.checkpoints = Checkpoints(self.run_dir / "checkpoints", self.strategy.is_main,
                                        self.strategy.barrier, cfg.train.keep_last)
         self.step = 0
@@ -74,7 +74,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.skipped_steps = 0  # steps not taken: non-finite loss or gradients
         self.nonfinite_in_a_row = 0
-        self.damaged: list[str] = []  # damaged checkpoints that resuming passed over
+        self.resume_warnings: list[str] = []  # damaged checkpoints passed over, config changes
         self.resumed_from = self.resume()
         self.first_step = self.step
 
@@ -240,6 +240,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "precision": self.precision.state_dict(),
             "model_config": plain(self.cfg.model),
+            "run_config": self.run_config,
+            "config_hash": config_hash(self.run_config),
             "vocab_size": self.task.vocab_size,
             "codec": self.task.codec.state(),  # sampling needs no data, only the checkpoint
         }
@@ -248,11 +250,12 @@ class Trainer:
     def resume(self) -> Path | None:
         if self.cfg.resume == "never":
             self.start_over()
-        path = find_checkpoint(self.cfg.resume, self.run_dir, log=self.damaged.append)
+        path = find_checkpoint(self.cfg.resume, self.run_dir, log=self.resume_warnings.append)
         if path is None:
             return None
         meta = load_meta(path)
-        check_compatible(meta, plain(self.cfg.model), self.task.vocab_size, path)
+        check_same_model(meta, plain(self.cfg.model), self.task.vocab_size, path)
+        self.resume_warnings += check_same_run(meta, self.run_config, path, explicit=self.cfg.resume != "auto")
         state = self.strategy.state_dict(self.model, self.optimizer)
         load_state(path, state)
         self.strategy.load_state_dict(self.model, self.optimizer, state)
@@ -296,7 +299,7 @@ class Trainer:
         budget = self.cfg.plan.device_memory_gb or planner.device_memory_gb(self.device)
         for line in planner.report(self.cfg, self.layout, self.plans, budget):
             log.info(line)
-        for line in self.damaged:
+        for line in self.resume_warnings:
             log.info(f"warning: {line}")
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} at step {self.step}")
@@ -333,27 +336,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-def plain(cfg) -> dict:
-    """A dataclass config as plain JSON-able values (enums as their names)."""
-    return {k: v.value if isinstance(v, Enum) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
 def check_model_fits_task(model: ModelConfig, task: Task) -> None:
     if model.pos == "learned" and task.max_seq_len > model.max_seq_len:
         raise ConfigError(f"the task's sequences reach {task.max_seq_len} tokens but the learned "
                           f"position table has model.max_seq_len={model.max_seq_len}; raise "
                           "model.max_seq_len, shorten the task, or use model.pos=sinusoidal/rope")
-
-
-RUNTIME_ONLY = {"dropout", "impl", "activation_checkpointing"}  # model settings that do not change the weights
-
-
-def check_compatible(state: dict, model_config: dict, vocab_size: int, path: Path) -> None:
-    saved = dict(state["model_config"], vocab_size=state["vocab_size"])
-    wanted = dict(model_config, vocab_size=vocab_size)
-    differ = [f"{k} {saved.get(k)} -> {wanted.get(k)}" for k in sorted(wanted)
-              if k not in RUNTIME_ONLY and saved.get(k) != wanted.get(k)]
-    if differ:
-        raise ConfigError(f"checkpoint {path} was written by a different model ({', '.join(differ)}); "
-                          "use the same model settings, start over with resume=never overwrite=true, or "
-                          "choose another hydra.run.dir")

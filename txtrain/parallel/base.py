@@ -72,16 +72,7 @@ class SingleProcess:
 
     # --- data -------------------------------------------------------------------------------
     def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
-        local = global_batch // self.data_parallel_size
-        if global_batch % self.data_parallel_size:
-            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the "
-                              f"{self.data_parallel_size} data-parallel ranks")
-        micro = requested or local
-        if local % micro:
-            raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
-                              f"of {local} (train.batch_size={global_batch} over "
-                              f"{self.data_parallel_size} ranks)")
-        return micro
+        return data_parallel_micro_batch(global_batch, requested, self.data_parallel_size)
 
     def local_batch(self, batch: Batch) -> Batch:
         """This rank's contiguous share of the global batch."""
@@ -179,3 +170,28 @@ def state_dict_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+# --- how a global batch splits (also checked by plan=true, before any process starts) -------
+def data_parallel_micro_batch(global_batch: int, requested: int | None, data_parallel_size: int) -> int:
+    """Each data-parallel rank takes an equal share, in micro-batches of ``requested``."""
+    local = global_batch // data_parallel_size
+    if global_batch % data_parallel_size:
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by the "
+                          f"{data_parallel_size} data-parallel ranks")
+    micro = requested or local
+    if local % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
+                          f"of {local} (train.batch_size={global_batch} over "
+                          f"{data_parallel_size} ranks)")
+    return micro
+
+
+def pipeline_micro_batch(global_batch: int, requested: int | None, n_microbatches: int) -> int:
+    """The pipeline feeds the whole batch in ``n_microbatches`` equal parts."""
+    micro, parts = divmod(global_batch, n_microbatches)
+    if parts or (requested and requested != micro):
+        raise ConfigError(f"parallel=pipeline splits train.batch_size={global_batch} into "
+                          f"parallel.n_microbatches={n_microbatches} equal micro-"
+                          "batches; make it divisible (and leave train.micro_batch_size unset)")
+    return micro

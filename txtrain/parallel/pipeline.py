@@ -21,7 +21,7 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
 
 from txtrain.config import ConfigError, ParallelConfig
 from txtrain.distributed import require_launched
-from txtrain.parallel.base import Forward, LossFn, NextLogits, SingleProcess
+from txtrain.parallel.base import Forward, LossFn, NextLogits, SingleProcess, pipeline_micro_batch
 from txtrain.precision import Precision
 from txtrain.tasks.base import IGNORE_INDEX, PAD, Batch
 
@@ -55,9 +55,6 @@ class Pipeline(SingleProcess):
 
     # --- model ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        if model.cfg.tie_embeddings:
-            raise ConfigError("parallel=pipeline cannot tie the input and output embeddings (they "
-                              "live on the first and last stage); set model.tie_embeddings=false")
         if model.cfg.n_layer < self.n_stages:
             raise ConfigError(f"parallel=pipeline needs at least one block per stage: "
                               f"model.n_layer={model.cfg.n_layer} < {self.n_stages} stages")
@@ -87,12 +84,7 @@ class Pipeline(SingleProcess):
 
     # --- data -------------------------------------------------------------------------------
     def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
-        micro, parts = divmod(global_batch, self.cfg.n_microbatches)
-        if parts or (requested and requested != micro):
-            raise ConfigError(f"parallel=pipeline splits train.batch_size={global_batch} into "
-                              f"parallel.n_microbatches={self.cfg.n_microbatches} equal micro-"
-                              "batches; make it divisible (and leave train.micro_batch_size unset)")
-        return micro
+        return pipeline_micro_batch(global_batch, requested, self.cfg.n_microbatches)
 
     def pad(self, batch: Batch) -> Batch:
         """Right-pad to the fixed length (padding is ignored by the loss and, the model being
