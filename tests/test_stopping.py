@@ -1,5 +1,7 @@
-"""Stopping: SIGTERM saves the current step and exits with its own status; after SIGTERM or
-kill -9, rerunning the same command continues to the same losses as a run never stopped."""
+"""Stopping and dying: SIGTERM saves the current step and exits with its own status; after
+SIGTERM or kill -9, rerunning the same command continues to the same losses as a run never
+stopped, in one process (bitwise) and under ddp x2 (within 1e-6); torchrun --max-restarts
+brings a group back from its latest checkpoint by itself."""
 
 import json
 import os
@@ -11,47 +13,95 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config, run_txtrain
+from conftest import make_config
 from txtrain.checkpoint import verify
 from txtrain.config import ConfigError
 from txtrain.stopping import INTERRUPTED_STATUS
 
-RUN = ["train.steps=60", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "progress=false"]
+RUN = ["train.steps=60", "train.log_every=1", "train.eval_every=0", "train.save_every=5",
+       "task.n_eval=50", "model.n_layer=1", "progress=false"]
+TXTRAIN = [sys.executable, "-m", "txtrain"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            "-m", "txtrain", "parallel=ddp"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def start_and_signal(run_dir: Path, sig: int, after_steps: int, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    process = subprocess.Popen([sys.executable, "-m", "txtrain", *RUN, *extra, f"hydra.run.dir={run_dir}"],
-                               cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= after_steps):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGUSR1, ["train.stop_signal=SIGUSR1"])])
-def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(tmp_path, sig, extra):
-    stopped = start_and_signal(tmp_path / "run", sig, 5, *extra)
-    assert stopped.returncode == INTERRUPTED_STATUS, stopped.stderr
-    step = max(losses(tmp_path / "run"))
-    assert step < 60 and f"stopped by {signal.Signals(sig).name} after step {step}" in stopped.stderr
-    checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step:06d}"
-    verify(checkpoint)
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return finish(start(command, cwd))
 
-    again = run_txtrain(*RUN, *extra, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+
+def wait_for_steps(process: subprocess.Popen, cwd: Path, steps: int) -> Path:
+    """Wait until the run (its dir found under ``cwd``) has logged ``steps`` steps."""
+    deadline = time.monotonic() + 180
+    while True:
+        logged = [m for m in cwd.rglob("metrics.jsonl") if len(m.read_text().splitlines()) >= steps]
+        if logged:
+            return logged[0].parent
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+
+
+def worker(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank``."""
+    children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    for pid in children:
+        if f"\0RANK={rank}\0" in "\0" + Path(f"/proc/{pid}/environ").read_text():
+            return int(pid)
+    raise AssertionError(f"torchrun has no worker of rank {rank} among {children}")
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_continues_exactly(run_dir: Path, whole: Path, tolerance: float = 0.0) -> None:
+    """Every step was logged once (a resumed run drops what the dead one logged after its
+    checkpoint), with the uninterrupted run's loss at that step."""
+    expected = {r["step"]: r["loss"] for r in records(whole)}
+    got = records(run_dir)
+    assert [r["step"] for r in got] == sorted(expected)
+    worst = max(abs(r["loss"] - expected[r["step"]]) / abs(expected[r["step"]]) for r in got)
+    assert worst <= tolerance, f"relative loss difference {worst:.2e} > {tolerance}"
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs: one process, and ddp over two."""
+    root = tmp_path_factory.mktemp("whole")
+    runs = {"single": root / "single", "ddp": root / "ddp"}
+    done = [run([*TXTRAIN, *RUN, f"hydra.run.dir={runs['single']}"], root),
+            run([*TORCHRUN, *RUN, f"hydra.run.dir={runs['ddp']}"], root)]
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    return runs
+
+
+# --- one process ------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGUSR1, ["train.stop_signal=SIGUSR1"])])
+def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(tmp_path, whole, sig, extra):
+    command = [*TXTRAIN, *RUN, *extra, f"hydra.run.dir={tmp_path / 'run'}"]
+    process = start(command, tmp_path)
+    wait_for_steps(process, tmp_path, 7)
+    process.send_signal(sig)
+    stopped = finish(process)
+    assert stopped.returncode == INTERRUPTED_STATUS, stopped.stderr
+    step = max(r["step"] for r in records(tmp_path / "run"))
+    assert step < 60 and f"stopped by {signal.Signals(sig).name} after step {step}" in stopped.stderr
+    verify(tmp_path / "run" / "checkpoints" / f"step_{step:06d}")  # the step it stopped at, whole
+
+    again = run(command, tmp_path)
     assert again.returncode == 0, again.stderr
-    whole = run_txtrain(*RUN, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
-    assert losses(tmp_path / "run") == losses(tmp_path / "whole")  # bitwise, every step
+    assert_continues_exactly(tmp_path / "run", whole["single"])  # bitwise
 
 
 def test_an_unknown_stop_signal_is_a_config_error():
@@ -59,16 +109,51 @@ def test_an_unknown_stop_signal_is_a_config_error():
         make_config("train.stop_signal=SIGFOO")
 
 
-def test_after_kill_9_the_rerun_continues_from_the_last_checkpoint_exactly(tmp_path):
-    killed = start_and_signal(tmp_path / "run", signal.SIGKILL, 17, "train.save_every=5")
-    assert killed.returncode == -signal.SIGKILL
-    assert max(losses(tmp_path / "run")) < 60  # it died mid-run, some steps after a checkpoint
-    again = run_txtrain(*RUN, "train.save_every=5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_after_kill_9_the_rerun_continues_from_the_last_checkpoint_exactly(tmp_path, whole):
+    command = [*TXTRAIN, *RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    process = start(command, tmp_path)
+    wait_for_steps(process, tmp_path, 17)
+    process.kill()
+    assert finish(process).returncode == -signal.SIGKILL
+    again = run(command, tmp_path)
+    assert again.returncode == 0 and "resumed from" in again.stderr + again.stdout, again.stderr
+    assert_continues_exactly(tmp_path / "run", whole["single"])
+
+
+# --- ddp over two processes -------------------------------------------------------------------
+def test_ddp_after_kill_9_of_one_rank_the_rerun_continues_exactly(tmp_path, whole):
+    command = [*TORCHRUN, *RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    agent = start(command, tmp_path)
+    wait_for_steps(agent, tmp_path, 17)
+    os.kill(worker(agent, rank=1), signal.SIGKILL)
+    assert finish(agent).returncode != 0
+    again = run(command, tmp_path)
+    assert again.returncode == 0 and "resumed from" in again.stderr + again.stdout, again.stderr
+    assert_continues_exactly(tmp_path / "run", whole["ddp"], tolerance=1e-6)
+
+
+def test_ddp_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path, whole):
+    command = [*TORCHRUN, *RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    agent = start(command, tmp_path)
+    wait_for_steps(agent, tmp_path, 7)
+    os.kill(worker(agent, rank=1), signal.SIGTERM)
+    stopped = finish(agent)
+    step = max(r["step"] for r in records(tmp_path / "run"))  # rank 0's log: it stopped too
+    assert step < 60 and f"after step {step}" in stopped.stderr, stopped.stderr
+    assert f"exitcode  : {INTERRUPTED_STATUS}" in stopped.stderr  # torchrun's report of the ranks
+    verify(tmp_path / "run" / "checkpoints" / f"step_{step:06d}")
+    again = run(command, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "resumed from" in again.stderr + again.stdout
-    whole = run_txtrain(*RUN, "train.save_every=5", f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
-    whole_losses = losses(tmp_path / "whole")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) >= 60  # steps between the checkpoint and the kill ran twice ...
-    assert all(r["loss"] == whole_losses[r["step"]] for r in records)  # ... alike, as did the rest
-    assert set(whole_losses) == {r["step"] for r in records}
+    assert_continues_exactly(tmp_path / "run", whole["ddp"], tolerance=1e-6)
+
+
+def test_torchrun_max_restarts_brings_the_group_back_from_the_last_checkpoint(tmp_path, whole):
+    # No hydra.run.dir: the restarted workers must find the run dir they were writing to.
+    agent = start([*TORCHRUN[:4], "--max-restarts=1", *TORCHRUN[4:], *RUN], tmp_path)
+    run_dir = wait_for_steps(agent, tmp_path, 17)
+    os.kill(worker(agent, rank=1), signal.SIGKILL)
+    done = finish(agent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.parent for p in tmp_path.rglob("metrics.jsonl")] == [run_dir]
+    assert "resumed from" in (run_dir / "txtrain.log").read_text()
+    assert_continues_exactly(run_dir, whole["ddp"], tolerance=1e-6)

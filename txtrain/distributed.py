@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from txtrain.config import ConfigError
 
@@ -63,21 +64,44 @@ def join_job() -> bool:
 
     if dist.is_initialized():
         return True
+    backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        backend = "cpu:gloo,cuda:nccl"
+    store = restart_store()
+    if store is None:
+        dist.init_process_group(backend)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend, store=store, rank=env_rank(), world_size=env_world_size())
     return True
+
+
+def restart_store():
+    """torchrun's agent keeps one rendezvous store for all the restarts of its workers
+    (``--max-restarts``), and the env:// rendezvous reads it without telling attempts apart: a
+    restarted rank can read the address a dead rank published, fail to connect, and so fail
+    every restart. Give each attempt its own part of the store. None: use env:// as it is."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                env_world_size(), is_master=False)
+    return dist.PrefixStore(f"txtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            agent_store)
 
 
 def start_time() -> datetime:
     """When this run started: rank 0's clock, shared with every other process. It is also
     handed down in the environment, so that processes started later on this run's behalf
-    (submitit's jobs, launch.nproc_per_node's workers) name the same directories."""
+    (submitit's jobs, launch.nproc_per_node's workers) name the same directories.
+
+    Under torchrun it is when torchrun's agent started, which stays the same when the agent
+    restarts failed workers (``--max-restarts``): they find the same run dir and resume there."""
     if STARTED_VARIABLE in os.environ:
         return datetime.fromisoformat(os.environ[STARTED_VARIABLE])
-    shared = [datetime.now()]
+    agent_start = process_start(os.getppid()) if "TORCHELASTIC_RUN_ID" in os.environ else None
+    shared = [agent_start or datetime.now()]
     if under_torchrun():
         import torch
         import torch.distributed as dist
@@ -88,6 +112,21 @@ def start_time() -> datetime:
 
 
 STARTED_VARIABLE = "TXTRAIN_STARTED"
+
+
+def process_start(pid: int | str) -> datetime | None:
+    """When process ``pid`` started, by the wall clock (Linux's /proc; None elsewhere)."""
+    try:
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return datetime.fromtimestamp(boot + seconds_after_boot(pid))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def seconds_after_boot(pid: int | str) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in clock ticks
 
 
 def hydra_overrides_for_rank() -> list[str]:
@@ -101,8 +140,11 @@ def hydra_overrides_for_rank() -> list[str]:
 def launch_workers(nproc_per_node: int, overrides: list[str], run_dir: str) -> None:
     """Run ``python -m txtrain <overrides>`` in ``nproc_per_node`` processes under
     torch.distributed.run, all writing to ``run_dir``; exit as the first failed worker did."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
+
+    from txtrain.stopping import INTERRUPTED_STATUS
 
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc_per_node}", "--module", "txtrain",
@@ -114,6 +156,8 @@ def launch_workers(nproc_per_node: int, overrides: list[str], run_dir: str) -> N
     except ChildFailedError as failure:
         _, first = failure.get_first_failure()
         sys.exit(first.exitcode if first.exitcode > 0 else 1)
+    except SignalException:  # SIGTERM or Ctrl-C: the agent passed it on and waited for the
+        sys.exit(INTERRUPTED_STATUS)  # workers, which saved a checkpoint and said so
 
 
 def require_launched(strategy: str, min_processes: int = 1) -> None:

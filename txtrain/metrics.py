@@ -29,6 +29,8 @@ class RunLog:
         self.board = None  # TensorBoard's SummaryWriter, with logger=tensorboard
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics", "eval"):
+                drop_records_after(run_dir / f"{name}.jsonl", start_step)
             self.files = {name: open(run_dir / f"{name}.jsonl", "a", encoding="utf-8")
                           for name in ("metrics", "eval")}
             if tensorboard:
@@ -139,6 +141,23 @@ def summary_writer(folder: Path):
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install "
                           "'txtrain[tensorboard]' (or logger=jsonl)") from None
     return SummaryWriter(str(folder))
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """A run resumed at ``step`` logs the steps after it again: drop what a killed process
+    logged of them, so that each step has one record. Also a last line cut short by the kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _fmt(value) -> str:

@@ -3,7 +3,6 @@ once it ends, what it achieved. The sweep summary reads it."""
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+
+from txtrain.distributed import seconds_after_boot
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -51,9 +52,7 @@ def process_age() -> float | None:
     """Seconds since this process started (Linux's /proc; None elsewhere): the start-up
     time a user waits, interpreter and imports included."""
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
         uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - seconds_after_boot("self"), 2)
     except (OSError, ValueError, IndexError):
         return None
-    return round(uptime - started_after_boot, 2)
