@@ -50,6 +50,11 @@ class Pos(Choice):
     none = "none"
 
 
+class Arch(Choice):
+    gpt = "gpt"
+    encoder_decoder = "encoder_decoder"
+
+
 class Norm(Choice):
     pre = "pre"
     post = "post"
@@ -107,6 +112,8 @@ class ScheduleName(Choice):
 
 @dataclass
 class ModelConfig:
+    arch: Arch = Arch.gpt  # encoder_decoder: the 2017 Transformer (n_layer counts decoder blocks)
+    n_encoder_layer: Optional[int] = None  # encoder_decoder: encoder blocks; None means n_layer
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
@@ -132,6 +139,8 @@ class ModelConfig:
                 "choose a width that is a multiple of the number of heads")
         if self.d_ff is not None:
             require_positive("model", d_ff=self.d_ff)
+        if self.n_encoder_layer is not None:
+            require_positive("model", n_encoder_layer=self.n_encoder_layer)
         require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.pos == Pos.rope:
             require((self.n_embd // self.n_head) % 2 == 0,
@@ -365,9 +374,16 @@ class Config:
     logger: Logger = Logger.jsonl  # tensorboard: also TensorBoard event files (JSONL stays on)
 
     def __post_init__(self) -> None:  # checks across groups
+        seq2seq = self.model.arch == Arch.encoder_decoder
+        require(not (seq2seq and self.parallel.name == Strategy.pipeline),
+                "parallel=pipeline splits model.arch=gpt only; train the encoder-decoder with "
+                "parallel=none, dp, ddp or fsdp")
         require(not (self.parallel.name == Strategy.pipeline and self.model.tie_embeddings),
                 "parallel=pipeline cannot tie the input and output embeddings (they live on the "
                 "first and last stage); set model.tie_embeddings=false")
+        require(not (seq2seq and isinstance(self.task, TextTaskConfig)),
+                "model.arch=encoder_decoder needs a source and a target: train it on copy, "
+                "reverse or fibonacci; the text task is for model.arch=gpt")
 
 
 def register_configs() -> None:

@@ -83,10 +83,10 @@ def plan_memory(cfg: Config, layout: Layout) -> list[RankPlan]:
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    from txtrain.model import Transformer
+    from txtrain.model import build_model
 
     with torch.device("meta"), skip_initializers():
-        return Transformer(cfg, vocab_size)
+        return build_model(cfg, vocab_size)
 
 
 INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
@@ -412,7 +412,7 @@ def plan_only(cfg: Config) -> list[str]:
     world = 1 if single else (cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", 0))
                               or cfg.launch.nproc_per_node)
     check_world_size(cfg, world)
-    task = build_task(cfg.task, cfg.seed, cfg.progress)
+    task = build_task(cfg.task, cfg.seed, cfg.progress, cfg.model.arch == "encoder_decoder")
     device = pick_device(cfg.device)
     layout = Layout(world, task.vocab_size, task.max_seq_len, device.type)
     return report(cfg, layout, plan_memory(cfg, layout),

@@ -49,6 +49,9 @@ def load_model(path: Path, device: torch.device):
         raise ConfigError(f"{path}: no such run dir or checkpoint")
     checkpoint = find_checkpoint(str(path), Path("."))
     meta = load_meta(checkpoint)
+    if meta["model_config"].get("arch", "gpt") != "gpt":
+        raise ConfigError(f"{checkpoint} holds an encoder-decoder; txtrain-sample continues "
+                          "prompts with a GPT (model.arch=gpt)")
     model = Transformer(ModelConfig(**meta["model_config"]), meta["vocab_size"])
     load_model_weights(checkpoint, model)
     return model.to(device).eval(), meta, checkpoint

@@ -26,7 +26,7 @@ from txtrain.compat import check_same_model, check_same_run, config_hash, plain,
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
-from txtrain.model import Transformer
+from txtrain.model import build_model
 from txtrain import planner
 from txtrain.memory import PeakMemory, held_bytes
 from txtrain.optim import build_optimizer, lr_factor, set_lr
@@ -41,7 +41,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress)
+        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress, cfg.model.arch == "encoder_decoder")
         check_model_fits_task(cfg.model, self.task)
         self.strategy = build_strategy(cfg, self.task.max_seq_len)
         self.device = self.strategy.device
@@ -55,7 +55,7 @@ class Trainer:
         self.plans = planner.plan_memory(cfg, self.layout)  # every rank's
         self.held: dict | None = None  # bytes of the model and optimizer, after the first update
         seed_everything(cfg.seed)  # every rank builds the same initial weights
-        model = Transformer(cfg.model, self.task.vocab_size)
+        model = build_model(cfg.model, self.task.vocab_size)
         self.n_params = model.num_parameters()
         if cfg.compile:  # block by block, before any wrapping: works under every strategy
             for block in model.blocks.values():
@@ -288,7 +288,7 @@ class Trainer:
     def announce(self, log: RunLog) -> None:
         train = self.cfg.train
         log.info(f"model: {self.n_params:,} parameters ({self.n_params / 1e6:.2f}M), "
-                 f"{self.cfg.model.n_layer} layers, {self.cfg.model.n_head} heads, "
+                 f"{describe_layers(self.cfg.model)}, {self.cfg.model.n_head} heads, "
                  f"width {self.cfg.model.n_embd}, pos {self.cfg.model.pos}, "
                  f"attention {self.cfg.model.impl}")
         log.info(self.task.describe())
@@ -334,6 +334,12 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA too
+
+
+def describe_layers(model: ModelConfig) -> str:
+    if model.arch == "encoder_decoder":
+        return f"encoder-decoder, {model.n_encoder_layer or model.n_layer}+{model.n_layer} layers"
+    return f"{model.n_layer} layers"
 
 
 def check_model_fits_task(model: ModelConfig, task: Task) -> None:

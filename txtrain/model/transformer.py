@@ -41,19 +41,20 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.checkpointing = cfg.activation_checkpointing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.checkpointing and self.training:
             # Keep only the block's input; rerun the body in backward (with the same dropout
             # masks). Inside forward, so that a wrapper's hooks on the block (FSDP gathering
             # its weights) run once, outside the recomputed part.
-            return checkpoint(self.body, x, use_reentrant=False)
-        return self.body(x)
+            return checkpoint(self.body, x, *args, use_reentrant=False, **kwargs)
+        return self.body(x, *args, **kwargs)
 
-    def body(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``causal=False`` and a key ``mask``: the encoder's bidirectional self-attention."""
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x))
+            x = x + self.attn(self.attn_norm(x), causal=causal, mask=mask)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x))
+        x = self.attn_norm(x + self.attn(x, causal=causal, mask=mask))
         return self.ffn_norm(x + self.ffn(x))
 
 

@@ -93,7 +93,7 @@ class SingleProcess:
             micro = micro.to(self.device)
             with self.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):
                 with precision.autocast():
-                    logits = model(micro.inputs)
+                    logits = model(*micro.model_args())
                 loss = loss_fn(logits, micro.targets)
                 precision.backward(loss)
             total += loss.detach()
@@ -122,7 +122,7 @@ class SingleProcess:
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
         """``run(forward)`` evaluates a task through ``forward``; every rank gets the results."""
-        return run(lambda inputs: model(inputs.to(self.device)))
+        return run(lambda *args: model(*(tensor.to(self.device) for tensor in args)))
 
     def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
         """``run(next_logits)`` samples through ``next_logits`` (the logits of the last position

@@ -6,11 +6,12 @@ from txtrain.config import SyntheticTaskConfig, TextTaskConfig
 from txtrain.tasks.base import IGNORE_INDEX, Batch, Codec, Sampling, Task
 
 
-def build_task(cfg, seed: int, progress: bool = True) -> Task:
+def build_task(cfg, seed: int, progress: bool = True, seq2seq: bool = False) -> Task:
+    """``seq2seq``: batches for the encoder-decoder (a source, and the target apart)."""
     if isinstance(cfg, SyntheticTaskConfig):
         from txtrain.tasks.synthetic import SyntheticTask
 
-        return SyntheticTask(cfg, seed)
+        return SyntheticTask(cfg, seed, seq2seq)
     if isinstance(cfg, TextTaskConfig):
         from txtrain.tasks.text import TextTask
 

@@ -16,22 +16,30 @@ PAD = 0  # input token used to right-pad shorter sequences
 class Batch:
     inputs: torch.Tensor  # (B, T) token ids
     targets: torch.Tensor  # (B, T) next-token ids, IGNORE_INDEX where nothing is predicted
+    sources: torch.Tensor | None = None  # (B, S) the encoder's input (encoder-decoder only)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def __getitem__(self, rows: slice) -> "Batch":
-        return Batch(self.inputs[rows], self.targets[rows])
+        return Batch(self.inputs[rows], self.targets[rows],
+                     None if self.sources is None else self.sources[rows])
+
+    def model_args(self) -> tuple[torch.Tensor, ...]:
+        """What the model reads: ``model(*batch.model_args())``."""
+        return (self.inputs,) if self.sources is None else (self.inputs, self.sources)
 
     def split(self, size: int) -> list["Batch"]:
         return [self[i:i + size] for i in range(0, len(self), size)]
 
     def to(self, device: torch.device) -> "Batch":
-        if device.type != "cuda":
-            return Batch(self.inputs.to(device), self.targets.to(device))
-        # From page-locked memory the copy runs alongside the GPU's work instead of before it.
-        return Batch(self.inputs.pin_memory().to(device, non_blocking=True),
-                     self.targets.pin_memory().to(device, non_blocking=True))
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or device.type != "cuda":
+                return None if tensor is None else tensor.to(device)
+            # From page-locked memory the copy runs alongside the GPU's work instead of before it.
+            return tensor.pin_memory().to(device, non_blocking=True)
+
+        return Batch(move(self.inputs), move(self.targets), move(self.sources))
 
     @cached_property
     def n_targets(self) -> int:
@@ -51,7 +59,17 @@ def collate(pairs: list[tuple[list[int], list[int]]]) -> Batch:
     return Batch(inputs, targets)
 
 
-Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> logits (B, T, V)
+def collate_seq2seq(triples: list[tuple[list[int], list[int], list[int]]]) -> Batch:
+    """(source, decoder inputs, targets) triples: sources and targets right-padded apart."""
+    batch = collate([(inputs, targets) for _, inputs, targets in triples])
+    sources = torch.full((len(triples), max(len(s) for s, _, _ in triples)), PAD, dtype=torch.long)
+    for row, (source, _, _) in enumerate(triples):
+        sources[row, : len(source)] = torch.tensor(source, dtype=torch.long)
+    batch.sources = sources
+    return batch
+
+
+Forward = Callable[..., torch.Tensor]  # forward(*batch.model_args()) -> logits (B, T, V)
 
 
 class Codec(Protocol):

@@ -1,8 +1,10 @@
 """Copy, reverse and fibonacci: sequences generated on the fly from a seed.
 
-A sequence is ``prompt SEP answer EOS``. The model reads it shifted by one and is scored only
-on the answer (and EOS): prompt positions carry IGNORE_INDEX in the targets. A fixed held-out
-set is drawn once from its own stream; training never produces one of its prompts.
+A sequence is ``prompt SEP answer EOS``. The GPT reads it shifted by one and is scored only
+on the answer (and EOS): prompt positions carry IGNORE_INDEX in the targets. The encoder-decoder
+(``seq2seq``) reads ``prompt SEP`` as its source, and its decoder reads ``SEP answer`` (SEP
+standing in for a start token) to predict ``answer EOS``. A fixed held-out set is drawn once from
+its own stream; training never produces one of its prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from txtrain.config import ConfigError, SyntheticTaskConfig
-from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward, collate
+from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward, collate, collate_seq2seq
 
 SEP, EOS = 1, 2  # 0 is padding
 FIRST_SYMBOL = 3
@@ -22,9 +24,11 @@ HELD_OUT_SEED = "held-out"  # the held-out set is the same for every run seed
 
 
 class SyntheticTask:
-    def __init__(self, cfg: SyntheticTaskConfig, seed: int):
+    def __init__(self, cfg: SyntheticTaskConfig, seed: int, seq2seq: bool = False):
         self.cfg = cfg
         self.seed = seed
+        self.seq2seq = seq2seq
+        self.collate = collate_seq2seq if seq2seq else collate
         self.kind = str(cfg.name)
         if self.kind == "fibonacci":
             self.width = len(str(cfg.modulus - 1))  # every term is written with this many digits
@@ -33,8 +37,9 @@ class SyntheticTask:
             self.vocab_size = FIRST_SYMBOL + 12
         else:
             self.vocab_size = FIRST_SYMBOL + cfg.n_symbols
-        longest = max(cfg.max_len, cfg.eval_lengths[1])
-        self.max_seq_len = len(self.sequence(self.draw_prompt(random.Random(0), longest))) - 1
+        longest = self.draw_prompt(random.Random(0), max(cfg.max_len, cfg.eval_lengths[1]))
+        self.max_seq_len = (max(len(longest), len(self.answer(longest))) if seq2seq
+                            else len(self.sequence(longest)) - 1)
         self.held_out = self.make_held_out()
         self.held_out_prompts = {tuple(p) for p in self.held_out}
         self.codec = SyntheticCodec(self)
@@ -83,9 +88,12 @@ class SyntheticTask:
     def sequence(self, prompt: list[int]) -> list[int]:
         return prompt + self.answer(prompt)
 
-    def example(self, prompt: list[int]) -> tuple[list[int], list[int]]:
-        """(inputs, targets): targets are inputs shifted by one, prompt positions ignored."""
+    def example(self, prompt: list[int]) -> tuple[list[int], ...]:
+        """(inputs, targets): targets are inputs shifted by one, prompt positions ignored.
+        Under seq2seq, (source, decoder inputs, targets)."""
         answer = self.answer(prompt)
+        if self.seq2seq:
+            return prompt, [SEP] + answer[:-1], answer
         inputs = (prompt + answer)[:-1]
         targets = [IGNORE_INDEX] * (len(prompt) - 1) + answer
         return inputs, targets
@@ -123,13 +131,13 @@ class SyntheticTask:
             while tuple(prompt) in self.held_out_prompts:
                 prompt = self.draw_prompt(rng, length)
             examples.append(self.example(prompt))
-        return collate(examples)
+        return self.collate(examples)
 
     @functools.cache
     def held_out_batches(self, batch_size: int) -> list[Batch]:
         """The held-out set in batches of similar length (little padding); built once."""
         examples = sorted((self.example(p) for p in self.held_out), key=lambda e: len(e[0]))
-        return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+        return [self.collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
 
     # --- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,7 +153,7 @@ class SyntheticTask:
         correct = total = 0
         loss_sum = tokens = 0.0
         for batch in self.held_out_batches(batch_size):
-            logits = forward(batch.inputs)
+            logits = forward(*batch.model_args())
             targets = batch.targets.to(logits.device)
             scored = targets != IGNORE_INDEX
             hits = (logits.argmax(-1) == targets) | ~scored

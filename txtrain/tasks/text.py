@@ -75,7 +75,7 @@ class TextTask:
         loss_sum, n_tokens = 0.0, 0
         for first in range(0, len(starts), rows):
             batch = self.windows(self.val_tokens, starts[first:first + rows])
-            logits = forward(batch.inputs)
+            logits = forward(*batch.model_args())
             targets = batch.targets.to(logits.device)
             loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                               reduction="sum"))

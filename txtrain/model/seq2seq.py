@@ -1,0 +1,107 @@
+"""The 2017 Transformer: an encoder reads the source with bidirectional self-attention; a
+decoder writes the target with causal self-attention and cross-attention to the encoder's
+output. Both are built from the GPT's attention, feed-forward and block code.
+
+Sources are right-padded with PAD: padded source positions are never attended to (a key
+padding mask in the encoder's self-attention and in every cross-attention), so padding cannot
+change the encoder's outputs at real positions, nor the decoder's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from txtrain.config import ModelConfig
+from txtrain.model.attention import MultiHeadAttention
+from txtrain.model.positions import Rotary
+from txtrain.model.transformer import Block, init_weights, make_additive_positions
+from txtrain.tasks.base import PAD
+
+
+class DecoderBlock(Block):
+    """A block with cross-attention between self-attention and the feed-forward layer."""
+
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
+        super().__init__(cfg, rotary)
+        self.cross_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        # No rotary here: queries and keys come from different sequences, whose positions
+        # have no common origin.
+        self.cross = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, cfg.impl)
+
+    def body(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x))
+            x = x + self.cross(self.cross_norm(x), memory, causal=False, mask=memory_mask)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x))
+        x = self.cross_norm(x + self.cross(x, memory, causal=False, mask=memory_mask))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class EncoderDecoder(nn.Module):
+    """Logits for the next target token at every position of ``idx`` (B, T), given the source
+    ``sources`` (B, S): (B, T, V). One embedding serves source, target and (tied) head.
+
+    ``blocks`` holds the encoder's blocks (``enc_0`` ...) then the decoder's (``dec_0`` ...):
+    the strategies shard, compile and checkpoint block by block, whatever the architecture.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        table_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+        self.token_embedding = nn.Embedding(table_size, cfg.n_embd)
+        self.positions = make_additive_positions(cfg)
+        rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        n_encoder = cfg.n_encoder_layer or cfg.n_layer
+        self.blocks = nn.ModuleDict(
+            {f"enc_{i}": Block(cfg, rotary) for i in range(n_encoder)}
+            | {f"dec_{i}": DecoderBlock(cfg, rotary) for i in range(cfg.n_layer)})
+        pre = cfg.norm == "pre"  # post-norm blocks already end in a norm
+        self.encoder_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if pre else nn.Identity()
+        self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if pre else nn.Identity()
+        self.head = nn.Linear(cfg.n_embd, table_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.token_embedding.weight
+        self.apply(init_weights)
+        layers = n_encoder + cfg.n_layer
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out.weight", "cross.out.weight", "ffn.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * layers))
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(idx)
+        if self.cfg.pos == "sinusoidal":
+            x = x * math.sqrt(self.cfg.n_embd)
+        if self.positions is not None:
+            x = x + self.positions(idx.shape[1], idx.device)
+        return self.dropout(x)
+
+    def encode(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's output (B, S, C), and the mask (B, 1, 1, S) of real source tokens."""
+        mask = (sources != PAD)[:, None, None, :]
+        x = self.embed(sources)
+        for name, block in self.blocks.items():
+            if name.startswith("enc_"):
+                x = block(x, causal=False, mask=mask)
+        return self.encoder_norm(x), mask
+
+    def forward(self, idx: torch.Tensor, sources: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        memory, memory_mask = self.encode(sources)
+        x = self.embed(idx)
+        for name, block in self.blocks.items():
+            if name.startswith("dec_"):
+                x = block(x, memory, memory_mask)
+        x = x[:, -1] if last_only else x
+        logits = self.head(self.final_norm(x))
+        if logits.shape[-1] > self.vocab_size:
+            logits = logits[..., : self.vocab_size]
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
