@@ -190,7 +190,7 @@ def main() -> None:
 
 
 # A plan writes nothing: no run dir, no saved config, no log file (the handler opens it lazily).
-PLAN_ONLY_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null",
+PLAN_ONLY_OVERRIDES = ["hydra.run.dir=.",
                        "hydra.job_logging.root.handlers=[console]",
                        "++hydra.job_logging.handlers.file.delay=true"]
 

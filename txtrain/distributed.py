@@ -130,11 +130,11 @@ def seconds_after_boot(pid: int | str) -> float:
 
 
 def hydra_overrides_for_rank() -> list[str]:
-    """Only rank 0 writes to the run dir (besides checkpoint shards): the other ranks neither
-    save Hydra's config copy nor open the log file."""
+    """Only rank 0 writes to the run dir (besides checkpoint shards): the other ranks do not
+    open the log file (nor, see cli.record_config, save the config copy)."""
     if env_rank() == 0:
         return []
-    return ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+    return ["hydra.job_logging.root.handlers=[console]"]
 
 
 def launch_workers(nproc_per_node: int, overrides: list[str], run_dir: str) -> None:
