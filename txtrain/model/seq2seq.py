@@ -17,7 +17,7 @@ from torch import nn
 from txtrain.config import ModelConfig
 from txtrain.model.attention import MultiHeadAttention
 from txtrain.model.positions import Rotary
-from txtrain.model.transformer import Block, init_weights, make_additive_positions
+from txtrain.model.transformer import Block, Transformer, init_weights, make_additive_positions
 from txtrain.tasks.base import PAD
 
 
@@ -74,13 +74,9 @@ class EncoderDecoder(nn.Module):
             if name.endswith(("attn.out.weight", "cross.out.weight", "ffn.down.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * layers))
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(idx)
-        if self.cfg.pos == "sinusoidal":
-            x = x * math.sqrt(self.cfg.n_embd)
-        if self.positions is not None:
-            x = x + self.positions(idx.shape[1], idx.device)
-        return self.dropout(x)
+    # Tokens in and logits out exactly as in the GPT (same attribute names): its methods.
+    embed = Transformer.embed
+    logits = Transformer.logits
 
     def encode(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's output (B, S, C), and the mask (B, 1, 1, S) of real source tokens."""
@@ -97,11 +93,7 @@ class EncoderDecoder(nn.Module):
         for name, block in self.blocks.items():
             if name.startswith("dec_"):
                 x = block(x, memory, memory_mask)
-        x = x[:, -1] if last_only else x
-        logits = self.head(self.final_norm(x))
-        if logits.shape[-1] > self.vocab_size:
-            logits = logits[..., : self.vocab_size]
-        return logits
+        return self.logits(x[:, -1] if last_only else x)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
