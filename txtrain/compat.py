@@ -23,7 +23,7 @@ import json
 from enum import Enum
 from pathlib import Path
 
-from txtrain.config import Config, ConfigError
+from txtrain.config import Config, ConfigError, ModelConfig
 
 # Model settings that do not change the weights.
 RUNTIME_ONLY = {"dropout", "impl", "activation_checkpointing"}
@@ -80,7 +80,8 @@ def differences(saved: dict, wanted: dict, skip: set = frozenset()) -> list[str]
 
 
 def check_same_model(meta: dict, model_config: dict, vocab_size: int, path: Path) -> None:
-    saved = dict(meta["model_config"], vocab_size=meta["vocab_size"])
+    # A key that an older checkpoint lacks (added since, like arch) had its default value.
+    saved = dict(plain(ModelConfig()), **meta["model_config"], vocab_size=meta["vocab_size"])
     differ = differences(saved, dict(model_config, vocab_size=vocab_size), RUNTIME_ONLY)
     if differ:
         raise ConfigError(f"checkpoint {path} was written by a different model ({', '.join(differ)}); "
@@ -93,7 +94,9 @@ def check_same_run(meta: dict, settings: dict, path: Path, explicit: bool) -> li
     named by path (``explicit``), return the differences as warnings instead."""
     if "run_config" not in meta:  # written before checkpoints recorded their config
         return []
-    differ = differences(meta["run_config"], settings)
+    saved = meta["run_config"]
+    # Keys txtrain added after the checkpoint was written cannot have differed then.
+    differ = differences(saved, {key: value for key, value in settings.items() if key in saved})
     if not differ:
         return []
     shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
