@@ -17,7 +17,7 @@ from torch import nn
 from txtrain.config import ModelConfig
 from txtrain.model.attention import MultiHeadAttention
 from txtrain.model.positions import Rotary
-from txtrain.model.transformer import Block, Transformer, init_weights, make_additive_positions
+from txtrain.model.transformer import Block, Transformer, add_input_layers, init_weights
 from txtrain.tasks.base import PAD
 
 
@@ -51,13 +51,7 @@ class EncoderDecoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        table_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        self.token_embedding = nn.Embedding(table_size, cfg.n_embd)
-        self.positions = make_additive_positions(cfg)
-        rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        table_size, rotary = add_input_layers(self, cfg, vocab_size)
         n_encoder = cfg.n_encoder_layer or cfg.n_layer
         self.blocks = nn.ModuleDict(
             {f"enc_{i}": Block(cfg, rotary) for i in range(n_encoder)}

@@ -67,13 +67,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        table_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        self.token_embedding = nn.Embedding(table_size, cfg.n_embd)
-        self.positions = make_additive_positions(cfg)
-        rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        table_size, rotary = add_input_layers(self, cfg, vocab_size)
         # A dict rather than a list so that a pipeline stage can drop blocks and keep the names
         # of the rest (blocks.5 stays blocks.5), which checkpoints are keyed by.
         self.blocks = nn.ModuleDict({str(i): Block(cfg, rotary) for i in range(cfg.n_layer)})
@@ -119,6 +113,20 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         """Distinct trainable parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def add_input_layers(model: nn.Module, cfg: ModelConfig, vocab_size: int) -> tuple[int, Rotary | None]:
+    """What turns token ids into the first hidden states, shared by both architectures: the
+    embedding (rows padded to ``cfg.vocab_multiple``), the positions and the dropout. Returns
+    the padded table size (for the head) and the rotary embedding for attention, if any."""
+    model.cfg = cfg
+    model.vocab_size = vocab_size
+    table_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    model.token_embedding = nn.Embedding(table_size, cfg.n_embd)
+    model.positions = make_additive_positions(cfg)
+    model.dropout = nn.Dropout(cfg.dropout)
+    rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
+    return table_size, rotary
 
 
 def make_additive_positions(cfg: ModelConfig) -> nn.Module | None:
