@@ -88,7 +88,7 @@ class GPT(nn.Module):
 def lr_at(step: int, lr: float, warmup: int, total: int, floor: float) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))  # the last step: the floor
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -176,8 +176,11 @@ def main() -> None:
 
     if args.device == "cpu":
         keep_freed_memory()
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.device == "cuda":  # TF32 matmuls, as txtrain's default
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(args.seed)
     padded = -(-args.vocab_size // args.vocab_multiple) * args.vocab_multiple
     model = GPT(args.vocab_size, padded, args.seq_len, args.n_layer, args.n_head, args.n_embd,

@@ -1,5 +1,6 @@
 import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from hydra import compose, initialize_config_module
 
 from txtrain.cli import to_config
 from txtrain.config import Config, register_configs
+from txtrain.distributed import STARTED_VARIABLE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -53,6 +55,10 @@ def call_txtrain(*args: str) -> Outcome:
     out, err = io.StringIO(), io.StringIO()
     status = 0
     argv = sys.argv
+    # Hydra points the logging handlers at the run dir, which a refused command removes: put
+    # back what the tests had, or later messages would fail to open that file.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     sys.argv = ["txtrain", "progress=false", *args]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -62,4 +68,11 @@ def call_txtrain(*args: str) -> Outcome:
     finally:
         sys.argv = argv
         GlobalHydra.instance().clear()
+        # The start time is handed down in the environment: later runs of this process's
+        # children must not inherit this one's.
+        os.environ.pop(STARTED_VARIABLE, None)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
     return Outcome(status, out.getvalue(), err.getvalue())

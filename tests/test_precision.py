@@ -27,15 +27,31 @@ def test_mixed_precision_learns(tmp_path, precision):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_fp16_skips_an_overflowing_step_and_recovers(tmp_path):
-    trainer = Trainer(make_config(*SMALL, "precision=fp16", "train.steps=30",
-                                  "debug.nonfinite_steps=[5]"), tmp_path)
+def test_fp16_skips_steps_whose_gradients_overflow_and_recovers(tmp_path):
+    """A scale far too large (2**40) overflows the fp16 gradients while the loss stays finite: the
+    scaler skips those steps, halving the scale each time, and training goes on."""
+    trainer = Trainer(make_config(*SMALL, "precision=fp16", "precision.init_scale=1099511627776",
+                                  "train.steps=40"), tmp_path)
     trainer.fit()
     log = records(tmp_path)
-    assert [r["skipped_steps"] for r in log[3:6]] == [0, 1, 1]
-    assert log[4]["loss_scale"] == log[3]["loss_scale"] / 2  # the scaler backed off
-    assert log[4]["loss"] is None and all(r["loss"] is not None for r in log[5:])
-    assert log[-1]["loss"] < log[0]["loss"]
+    skipped = log[-1]["skipped_steps"]
+    assert 0 < skipped < 40 and all(r["loss"] is not None for r in log)  # finite losses
+    assert [r["loss_scale"] for r in log[:3]] == [2.0 ** 39, 2.0 ** 38, 2.0 ** 37]
+    assert log[-1]["loss"] < log[skipped]["loss"]  # it learns once the scale fits
+
+
+def test_fp16_stops_at_a_nonfinite_loss_as_fp32_does(tmp_path):
+    """Loss scaling is for gradients that overflow; a non-finite loss from the forward pass
+    follows the same policy in every precision (before: fp16 skipped them forever)."""
+    trainer = Trainer(make_config(*SMALL, "precision=fp16", "train.steps=12",
+                                  "debug.nonfinite_steps=[2,3,4,5,6,7,8,9,10,11]"), tmp_path / "stop")
+    with pytest.raises(TrainingStopped, match="step 2: the loss is nan"):
+        trainer.fit()
+    trainer = Trainer(make_config(*SMALL, "precision=fp16", "train.steps=12", "train.skip_nonfinite=3",
+                                  "debug.nonfinite_steps=[2,3,4,5,6,7,8,9,10,11]"), tmp_path / "skip")
+    with pytest.raises(TrainingStopped, match="4 steps in a row"):
+        trainer.fit()
+    assert trainer.step == 4
 
 
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_config, run_txtrain
+from txtrain import checkpoint
 from txtrain.checkpoint import Checkpoints, DamagedCheckpoint, verify
 from txtrain.config import ConfigError
 from txtrain.train import Trainer
@@ -81,15 +82,15 @@ def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_and_the_run_goes_on(tmp_path, caplog, monkeypatch):
-    write = Checkpoints.write
+    write_state = checkpoint.write_state
 
-    def disk_full_at_step_10(self, tmp, step, state, meta):
-        if step == 10:
-            (tmp / "state").mkdir(parents=True)  # something half-written first
+    def disk_full_at_step_10(folder, state):
+        if folder.name == ".step_000010.tmp":
+            (folder / "state").mkdir(parents=True)  # something half-written first
             raise OSError(28, "No space left on device")
-        return write(self, tmp, step, state, meta)
+        return write_state(folder, state)
 
-    monkeypatch.setattr(Checkpoints, "write", disk_full_at_step_10)
+    monkeypatch.setattr(checkpoint, "write_state", disk_full_at_step_10)
     with caplog.at_level(logging.INFO, logger="txtrain"):
         trainer = train(tmp_path, "train.steps=15")
     checkpoints = Checkpoints(tmp_path / "checkpoints")

@@ -157,3 +157,25 @@ def test_torchrun_max_restarts_brings_the_group_back_from_the_last_checkpoint(tm
     assert [p.parent for p in tmp_path.rglob("metrics.jsonl")] == [run_dir]
     assert "resumed from" in (run_dir / "txtrain.log").read_text()
     assert_continues_exactly(run_dir, whole["ddp"], tolerance=1e-6)
+
+
+def test_a_stop_request_saves_before_a_due_evaluation(tmp_path, monkeypatch):
+    """A launcher kills its workers some seconds after SIGTERM: the checkpoint comes first, and
+    the evaluation due at that step is skipped."""
+    from txtrain.stopping import Interrupted
+    from txtrain.train import Trainer
+
+    train_step = Trainer.train_step
+
+    def signal_at_step_4(self, batch, lr):
+        if self.step == 3:  # the update that ends step 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, batch, lr)
+
+    monkeypatch.setattr(Trainer, "train_step", signal_at_step_4)
+    trainer = Trainer(make_config(*RUN, "train.eval_every=2", "train.save_every=0"), tmp_path)
+    with pytest.raises(Interrupted, match="after step 4"):
+        trainer.fit()
+    evaluated = [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert evaluated == [2]  # not 4: the stop came first
+    verify(tmp_path / "checkpoints" / "step_000004")

@@ -125,10 +125,17 @@ def test_each_optimizer_reduces_the_loss(tmp_path, optimizer):
 def test_schedules():
     cosine = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(cosine, 0, 100) == pytest.approx(0.1)
-    assert lr_factor(cosine, 9, 100) == pytest.approx(1.0)
-    assert lr_factor(cosine, 100, 100) == pytest.approx(0.1)
+    assert lr_factor(cosine, 9, 100) == pytest.approx(1.0)  # the last warm-up update: the peak
+    assert lr_factor(cosine, 10, 100) < 1.0  # the first decay update is below it
+    assert lr_factor(cosine, 99, 100) == pytest.approx(0.1)  # the run's last update: the floor
     noam = ScheduleConfig(name="noam", warmup_steps=16)
     factors = [lr_factor(noam, s, 1000) for s in range(200)]
     assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == 15
     assert factors[63] == pytest.approx(0.5)  # 1/sqrt(step) past warmup: step 64 = 4 x 16
     assert lr_factor(ScheduleConfig(name="constant", warmup_steps=0), 50, 100) == 1.0
+    wsd = ScheduleConfig(name="wsd", warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    factors = [lr_factor(wsd, s, 110) for s in range(110)]  # 20 decay updates at the end
+    assert factors[9] == factors[89] == 1.0 and factors[90] == pytest.approx(0.95)
+    assert factors[109] == 0.0
+    # Extending a run before its decay starts changes nothing that was already done.
+    assert [lr_factor(wsd, s, 210) for s in range(90)] == factors[:90]

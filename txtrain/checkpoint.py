@@ -1,18 +1,23 @@
-"""Checkpoints: one folder per save, published whole, and a pointer to the latest.
+"""Checkpoints: one folder per save, published whole.
 
 ``checkpoints/step_000500/`` holds ``state/``, the model and optimizer state written by
 ``torch.distributed.checkpoint`` (each rank writes the shards it owns; any layout can load
 them back into any other: fsdp over 2 processes into one, a pipeline into ddp, ...), and
 ``meta.pt`` with the step, counters, RNG states and model config. A save is written to a hidden
-temporary folder and renamed into place, and ``checkpoints/latest`` is replaced atomically
-after it, so the pointer only ever names a complete checkpoint.
+temporary folder and renamed into place. ``checkpoints/latest`` names the newest for people and
+other tools; txtrain itself goes by the step numbers in the names (a crash between a rename and
+the pointer's update would leave the pointer behind).
 
 ``manifest.json``, written last inside the folder, lists every file with its size and sha256,
 and the hash of the run's config (``compat.run_config``).
 Loading verifies it: a truncated or altered checkpoint is named as damaged, and ``resume=auto``
 falls back to the newest one that is whole. ``train.keep_last=K`` deletes all but the newest K
-after each save (the one just written, which is whole, always stays). A save that fails (a
-full disk) leaves the previous checkpoints as they were.
+after each save (the one just written, which is whole, always stays).
+
+Under several processes every phase of a save or a load ends the same way on every rank
+(``collective.agree``): a save that fails anywhere (a full disk) is reported by all ranks,
+which train on from the previous checkpoints, left as they were; a load that fails anywhere
+stops all ranks with the same one-line error. None is left waiting for another.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
+import re
 import shutil
+import socket
 from contextlib import contextmanager
 import warnings
 from pathlib import Path
@@ -30,12 +36,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from txtrain.config import ConfigError
+from txtrain.collective import Gather, PhaseFailed, agree, describe_failure, gather_all, node_leader
+from txtrain.config import ConfigError, TrainingStopped
 
 POINTER = "latest"
 STATE_DIR = "state"
 META_FILE = "meta.pt"
 MANIFEST = "manifest.json"
+STEP_NAME = re.compile(r"step_(\d+)")
+REPLACED = ".old"  # `.step_000500.old`: a checkpoint moved aside while its step is published anew
 
 
 class DamagedCheckpoint(ConfigError):
@@ -44,6 +53,10 @@ class DamagedCheckpoint(ConfigError):
 
 class SaveFailed(Exception):
     """A save that did not complete; nothing it wrote was published."""
+
+
+class LoadFailed(TrainingStopped):
+    """A checkpoint that some rank could not read (every rank stops, with this one line)."""
 
 
 @contextmanager
@@ -59,95 +72,157 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def capture_rng() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def step_of(folder: Path) -> int | None:
+    """The step a checkpoint folder holds, from its name (``step_000500``, or the
+    ``.step_000500.old`` a replacement moved aside); None for any other name. Names are never
+    compared as strings: ``step_1000000`` comes after ``step_999500``."""
+    name = folder.name
+    if name.startswith(".") and name.endswith(REPLACED):
+        name = name[1:-len(REPLACED)]
+    match = STEP_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 class Checkpoints:
     """Saving is collective: every rank calls ``save`` with its own ``state`` (tensors, whole or
-    sharded); rank 0 (``is_main``) writes ``meta`` and publishes the folder."""
+    sharded); rank 0 (``is_main``) writes ``meta``, publishes the folder and tidies up.
+    ``gather`` is the strategy's (every rank's object, on every rank)."""
 
-    def __init__(self, directory: Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
+    def __init__(self, directory: Path, is_main: bool = True, gather: Gather = gather_all,
                  keep_last: int = 0):
         self.directory = directory
         self.is_main = is_main
-        self.barrier = barrier
+        self.gather = gather
         self.keep_last = keep_last  # 0: keep every checkpoint
-        self.last_written: Path | None = None  # by this process: known whole, no need to verify
+        self.last_written: Path | None = None  # by this process, at its step: no need to write it again
 
-    def save(self, step: int, state: dict, meta: dict) -> Path:
+    def save(self, step: int, state: dict, meta: dict, warn: Callable[[str], None] = lambda line: None) -> Path:
+        """Write the checkpoint of ``step`` (replacing one of the same step from an earlier run,
+        safely). A failure on any rank is a ``SaveFailed`` on every rank, with the same message,
+        and leaves the earlier checkpoints as they were. After it is published, whatever goes
+        wrong tidying up (the pointer, deleting old checkpoints) only ``warn``s."""
         final = self.directory / step_dir_name(step)
         if final == self.last_written:  # saved a moment ago (a stop request at a save step)
             return final
-        if final.exists():
-            try:
-                verify(final)
-                return final  # this step is already saved, whole
-            except DamagedCheckpoint:
-                self.barrier()  # every rank has looked before it goes
-                if self.is_main:
-                    shutil.rmtree(final)
         tmp = self.directory / f".{final.name}.tmp"
+        phases = [("preparing its folder", self.on_main(self.prepare, tmp)),
+                  ("writing the model and optimizer state", lambda: write_state(tmp, state)),
+                  (f"writing {META_FILE}", self.on_main(write_meta, tmp, meta)),
+                  (f"writing {MANIFEST}", self.on_main(write_manifest, tmp, step, meta.get("config_hash"))),
+                  ("publishing it", self.on_main(self.publish, tmp, final))]
         try:
-            self.write(tmp, step, state, meta)
-        except (OSError, RuntimeError) as error:  # a full disk; torch reports some as RuntimeError
-            if self.is_main:
+            for phase, action in phases:
+                agree(phase, action, self.gather, self.describe_write_failure)
+        except PhaseFailed as failure:
+            if self.is_main:  # every rank is done with it
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise SaveFailed(f"saving the checkpoint of step {step} failed ({error}); the previous "
-                             f"checkpoint ({self.latest() or 'none yet'}) is intact") from error
-        if self.is_main:
-            os.replace(tmp, final)
-            pointer_tmp = self.directory / f".{POINTER}.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.directory / POINTER)
-            self.prune()
-        self.barrier()
+            raise SaveFailed(f"saving the checkpoint of step {step} failed ({failure}); the previous "
+                             f"checkpoint ({self.latest() or 'none yet'}) is intact") from failure
         self.last_written = final
+        if self.is_main:
+            self.tidy(final, warn)
         return final
 
-    def write(self, tmp: Path, step: int, state: dict, meta: dict) -> None:
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier()
-        with single_process_is_fine():
-            from torch.distributed import checkpoint as dcp  # slow to import: only when used
+    def on_main(self, function: Callable, *args) -> Callable[[], None]:
+        """``function(*args)`` on rank 0, nothing elsewhere (every rank still takes part in
+        agreeing on how it went)."""
+        return lambda: function(*args) if self.is_main else None
 
-            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not dist.is_initialized())
-        if self.is_main:
-            torch.save(meta, tmp / META_FILE)
-        self.barrier()
-        if self.is_main:
-            write_manifest(tmp, step, meta.get("config_hash"))
+    def prepare(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+        tmp.mkdir(parents=True)
 
-    def prune(self) -> None:
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished folder into place. A folder of the same step (an earlier run's,
+        which this run replaced from an earlier step) is moved aside first and deleted only
+        after: a crash in between leaves it whole, and found (``saved``)."""
+        aside = final.with_name(f".{final.name}{REPLACED}")
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if aside.exists() and not final.exists():
+                os.replace(aside, final)  # as it was
+            raise
+
+    def tidy(self, final: Path, warn: Callable[[str], None]) -> None:
+        """On rank 0, after ``final`` is published: point ``latest`` at it and delete the
+        checkpoints it makes obsolete. The new checkpoint is whole whatever happens here, so a
+        failure is a warning."""
+        for what, action in (("updating the 'latest' pointer", lambda: self.point_to(final)),
+                             ("deleting a replaced run's checkpoints", lambda: self.remove_replaced(final, warn)),
+                             ("deleting old checkpoints (train.keep_last)", lambda: self.prune(warn))):
+            try:
+                action()
+            except Exception as error:
+                warn(f"{what} after saving {final.name} failed ({describe_failure(error)})")
+
+    def point_to(self, final: Path) -> None:
+        pointer_tmp = self.directory / f".{POINTER}.tmp"
+        try:
+            pointer_tmp.write_text(final.name + "\n")
+            os.replace(pointer_tmp, self.directory / POINTER)
+        finally:
+            pointer_tmp.unlink(missing_ok=True)
+
+    def remove_replaced(self, final: Path, warn: Callable[[str], None]) -> None:
+        """This run came to ``final``'s step from an earlier one: checkpoints past it (and the
+        copy of this step moved aside) belong to the run it replaced there, whose later records
+        the run's logs have already dropped. Left in place, they would be taken for newer."""
+        step = step_of(final)
+        later = [path for path in self.saved() if step_of(path) > step]
+        self.remove([final.with_name(f".{final.name}{REPLACED}"), *later], warn)
+        if later:
+            warn(f"deleted {', '.join(path.name for path in later)}: an earlier run's checkpoints past "
+                 f"{final.name}, which this run has replaced")
+
+    def prune(self, warn: Callable[[str], None]) -> None:
         """Keep the newest ``keep_last`` checkpoints (the newest was just written whole)."""
         if self.keep_last > 0:
-            for old in self.saved()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.remove(self.saved()[: -self.keep_last], warn)
+
+    def remove(self, folders: list[Path], warn: Callable[[str], None]) -> None:
+        for folder in folders:
+            try:
+                shutil.rmtree(folder)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                warn(f"could not delete {folder} ({describe_failure(error)})")
+
+    def describe_write_failure(self, error: BaseException) -> str:
+        """A failed write, with the room left where it was writing (a full disk is the usual
+        cause, and torch may report it as an unexpected position in a zip file)."""
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return describe_failure(error)
+        return f"{describe_failure(error)}; {free / 2**20:.1f} MiB free in {self.directory}"
 
     def saved(self) -> list[Path]:
-        """The published checkpoint folders, oldest first."""
-        return sorted(p for p in self.directory.glob("step_*") if p.is_dir())
+        """The published checkpoint folders, oldest first by step. A step whose folder is
+        missing but whose copy moved aside is there (a crash in the middle of replacing it)
+        is represented by that copy."""
+        if not self.directory.is_dir():
+            return []
+        published, aside = {}, {}
+        for path in self.directory.iterdir():
+            step = step_of(path)
+            if step is not None and path.is_dir():
+                (aside if path.name.startswith(".") else published)[step] = path
+        return [path for _, path in sorted({**aside, **published}.items())]
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint, by step (not verified: see ``newest_whole``)."""
+        saved = self.saved()
+        return saved[-1] if saved else None
 
     def newest_whole(self) -> tuple[Path | None, list[str]]:
-        """The newest checkpoint that verifies, trying the pointer's first; and a line for
-        each damaged one passed over."""
-        latest = self.latest()
-        candidates = ([latest] if latest is not None else []) + \
-            [p for p in reversed(self.saved()) if p != latest]
+        """The newest checkpoint that verifies, and a line for each damaged one passed over."""
         skipped = []
-        for path in candidates:
+        for path in reversed(self.saved()):
             try:
                 verify(path)
                 return path, skipped
@@ -155,11 +230,17 @@ class Checkpoints:
                 skipped.append(str(damage))
         return None, skipped
 
-    def latest(self) -> Path | None:
-        pointer = self.directory / POINTER
-        if not pointer.is_file():
-            return None
-        return self.directory / pointer.read_text().strip()
+
+def write_state(folder: Path, state: dict) -> None:
+    """This rank's tensors into ``folder/state`` (collective: every rank writes its shards)."""
+    with single_process_is_fine():
+        from torch.distributed import checkpoint as dcp  # slow to import: only when used
+
+        dcp.save(state, checkpoint_id=folder / STATE_DIR, no_dist=not dist.is_initialized())
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    torch.save(meta, folder / META_FILE)
 
 
 def write_manifest(folder: Path, step: int, config_hash: str | None = None) -> None:
@@ -197,10 +278,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_checkpoint(resume: str, run_dir: Path, log: Callable[[str], None] = lambda line: None) -> Path | None:
+def find_checkpoint(resume: str, run_dir: Path, log: Callable[[str], None] = lambda line: None,
+                    named: str | None = None) -> Path | None:
     """The checkpoint folder to resume from: ``auto`` = the run dir's newest whole one (or
     none), ``never`` = none, else a path to a checkpoint folder, a checkpoints folder or a run
-    dir. Damaged checkpoints passed over by ``auto`` are reported through ``log``."""
+    dir (its newest checkpoint, which must be whole). Damaged checkpoints passed over by
+    ``auto`` are reported through ``log``. Errors name the path as ``named`` (what the caller
+    was given: by default ``resume=<path>``)."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -217,28 +301,93 @@ def find_checkpoint(resume: str, run_dir: Path, log: Callable[[str], None] = lam
         if (candidate / META_FILE).is_file():
             verify(candidate)
             return candidate
-        latest = Checkpoints(candidate).latest()
-        if latest is not None:
-            verify(latest)
-            return latest
+        newest = Checkpoints(candidate).latest()
+        if newest is not None:
+            verify(newest)
+            return newest
+    where = named or f"resume={resume}"
     if not path.exists():
-        raise ConfigError(f"resume={resume}: no such file or folder; give a checkpoint folder, "
-                          "a run dir, resume=auto or resume=never")
-    raise ConfigError(f"resume={resume}: no checkpoint found there (expected {META_FILE} or a "
-                      f"'{POINTER}' pointer)")
+        raise ConfigError(f"{where}: no such file or folder; give a checkpoint folder or a run dir"
+                          + ("" if named else ", resume=auto or resume=never"))
+    raise ConfigError(f"{where}: no checkpoint found there (expected {META_FILE} or "
+                      "step_* checkpoint folders)")
+
+
+def find_checkpoint_everywhere(resume: str, run_dir: Path, log: Callable[[str], None] = lambda line: None,
+                               gather: Gather = gather_all) -> Path | None:
+    """``find_checkpoint`` for every rank of a run (each must call it). The first rank of each
+    node looks and verifies, so that a checkpoint is hashed once per node, not once per rank;
+    every rank then takes that verdict, error included. Nodes that disagree (they see different
+    files) stop every rank with one error."""
+    if resume == "never":
+        return None
+    leader = node_leader(gather)
+    verdicts = gather((socket.gethostname(), look_for_checkpoint(resume, run_dir) if leader else None))
+    verdicts = [(host, verdict) for host, verdict in verdicts if verdict is not None]  # one per node
+    if len({verdict for _, verdict in verdicts}) > 1:
+        raise LoadFailed("the nodes disagree about the checkpoint to resume from: "
+                         + "; ".join(f"{host}: {describe_verdict(verdict)}" for host, verdict in verdicts)
+                         + "; every node must see the same checkpoint files")
+    kind, found, detail = verdicts[0][1]
+    if kind == "found":
+        for line in detail:
+            log(line)
+        return None if found is None else Path(found)
+    raise {"damaged": DamagedCheckpoint, "refused": ConfigError}.get(kind, LoadFailed)(found)
+
+
+def look_for_checkpoint(resume: str, run_dir: Path) -> tuple:
+    """What ``find_checkpoint`` concludes here, as data every rank can receive: ("found", path
+    or None, lines logged), or (kind of error, its message, ())."""
+    logged: list[str] = []
+    try:
+        path = find_checkpoint(resume, run_dir, log=logged.append)
+    except DamagedCheckpoint as error:
+        return "damaged", str(error), ()
+    except ConfigError as error:
+        return "refused", str(error), ()
+    except Exception as error:  # a file that cannot be read, ...
+        return "failed", f"finding the checkpoint to resume from failed ({describe_failure(error)})", ()
+    return "found", None if path is None else str(path), tuple(logged)
+
+
+def describe_verdict(verdict: tuple) -> str:
+    kind, found, _ = verdict
+    if kind == "found":
+        return f"resumes from {found}" if found else "finds no checkpoint"
+    return found
+
+
+def read_meta(path: Path) -> dict:
+    return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
 
 
 def load_meta(path: Path) -> dict:
-    return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    """The checkpoint's meta. Under several processes every rank calls it, and one that cannot
+    read it stops them all (``LoadFailed``)."""
+    return agreed_load(path, f"reading {META_FILE}", lambda: read_meta(path))
 
 
 def load_state(path: Path, state: dict) -> None:
     """Fill ``state`` (tensors shaped and placed as this rank holds them) from the checkpoint
-    at ``path``, whatever layout wrote it. Keys absent from ``state`` are not read."""
+    at ``path``, whatever layout wrote it. Keys absent from ``state`` are not read. Collective:
+    a rank that cannot read its part stops them all (``LoadFailed``)."""
+    agreed_load(path, "reading the model and optimizer state", lambda: read_state(path, state))
+
+
+def read_state(path: Path, state: dict) -> None:
     with single_process_is_fine():
         from torch.distributed import checkpoint as dcp
 
         dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not dist.is_initialized())
+
+
+def agreed_load(path: Path, phase: str, action: Callable):
+    try:
+        return agree(phase, action)
+    except PhaseFailed as failure:
+        # The message says it all, the same on every rank: no rank's own cause appended to it.
+        raise LoadFailed(f"loading checkpoint {path} failed ({failure})") from None
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from txtrain import distributed
+from txtrain import distributed, rundir
 from txtrain.config import Config, ConfigError, TrainingStopped, register_configs
-from txtrain.stopping import INTERRUPTED_STATUS, Interrupted
+from txtrain.stopping import INTERRUPTED_STATUS, Interrupted, NotStarted, StopRequests
 
 USER_ERROR_STATUS = 2
 log = logging.getLogger("txtrain")
@@ -62,6 +63,7 @@ config_composed = False
 def run(raw: DictConfig) -> dict:
     global config_composed
     config_composed = True
+    trainer = None
     try:
         cfg = to_config(raw)
         if cfg.plan.only:
@@ -71,31 +73,54 @@ def run(raw: DictConfig) -> dict:
             return {}
         distributed.join_job()  # for a task that submitit started (main() did it otherwise)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if cfg.launch.nproc_per_node > 1 and not distributed.under_torchrun():
-            distributed.launch_workers(cfg.launch.nproc_per_node, list(HydraConfig.get().overrides.task),
-                                       str(run_dir.resolve()))
-            return {}
-        from txtrain.train import Trainer  # torch loads only once the config is known to be good
+        with StopRequests(cfg.train.stop_signal, starting=True) as stop:
+            if cfg.launch.nproc_per_node > 1 and not distributed.under_torchrun():
+                return launch(cfg.launch.nproc_per_node, run_dir, stop)
+            rundir.take(run_dir)  # the workers of launch.nproc_per_node take it, not their parent
+            if stop.received and not distributed.under_torchrun():  # before loading torch
+                raise NotStarted(stop.received)
+            from txtrain.train import Trainer  # torch loads only once the config is known to be good
 
-        trainer = Trainer(cfg, run_dir)
+            trainer = Trainer(cfg, run_dir)
+            if stop.agreed(trainer.device):  # every rank, whichever of them got the signal
+                raise NotStarted(stop.received)
         if trainer.strategy.is_main:
             record_config(raw, run_dir)
         summary = trainer.fit()
     except ConfigError as error:
         # Leave here rather than through Hydra, which would add a line of its own.
-        remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
+        leave_no_trace()
         exit_with_user_error(error)
     except TrainingStopped as error:
         exit_with_user_error(error, status=1)
-    except Interrupted as stopped:
-        if trainer.strategy.is_main:
+    except (Interrupted, NotStarted) as stopped:
+        if isinstance(stopped, NotStarted):
+            leave_no_trace()
+        if distributed.env_rank() == 0:
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)
-        trainer.strategy.close()
+        if trainer is not None:
+            trainer.strategy.close()
         sys.exit(INTERRUPTED_STATUS)
+    finally:
+        rundir.let_go()
     if trainer.strategy.is_main:
         print(summary_line(summary, trainer.run_dir), flush=True)
     trainer.strategy.close()
     return summary
+
+
+def launch(nproc_per_node: int, run_dir: Path, stop: StopRequests) -> dict:
+    """Train in ``nproc_per_node`` processes started here; they lock the run dir themselves."""
+    if stop.received:
+        raise NotStarted(stop.received)
+    try:
+        distributed.launch_workers(nproc_per_node, list(HydraConfig.get().overrides.task),
+                                   str(run_dir.resolve()))
+    except SystemExit as failed:
+        if failed.code:  # e.g. the workers refused the config: no empty run dir stays
+            leave_no_trace()
+        raise
+    return {}
 
 
 def record_config(raw: DictConfig, run_dir: Path) -> None:
@@ -110,8 +135,15 @@ def record_config(raw: DictConfig, run_dir: Path) -> None:
         (folder / name).write_text(OmegaConf.to_yaml(content), encoding="utf-8")
 
 
+def leave_no_trace() -> None:
+    """A refused command (or one stopped before training) leaves no folder it made behind."""
+    rundir.leave_no_trace()
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        remove_if_empty(Path(hydra_cfg.runtime.output_dir))  # a sweep's job folder, made by Hydra
+
+
 def remove_if_empty(run_dir: Path) -> None:
-    """A refused command leaves no empty run dir behind (Hydra makes it before txtrain runs)."""
     try:
         run_dir.rmdir()  # only ever removes an empty folder
     except OSError:
@@ -119,10 +151,11 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 def summary_line(summary: dict, run_dir: Path) -> str:
-    parts = [f"done: step {summary['step']}", f"loss {summary['loss']:.4f}"]
-    for key in ("exact_match", "val_loss", "perplexity", "eval_loss"):
-        if key in summary:
-            parts.append(f"{key} {summary[key]:.4f}")
+    parts = [f"done: step {summary['step']}"]
+    for key in ("loss", "exact_match", "val_loss", "perplexity", "eval_loss"):
+        if key in summary:  # run.json writes a non-finite number as null
+            value = summary[key]
+            parts.append(f"{key} {'nan' if value is None else f'{value:.4f}'}")
     parts.append(f"{summary['seconds']:.1f}s")
     parts.append(f"run dir {run_dir}")
     return ", ".join(parts)
@@ -159,8 +192,15 @@ def describe_error(error: BaseException) -> str:
 
 
 def main() -> None:
+    # From the first moment: a stop request during start-up exits as one during training does.
+    with StopRequests(starting=True):
+        run_command()
+
+
+def run_command() -> None:
     global config_composed
     config_composed = False
+    rundir.made_here.clear()
     register_configs()
     OmegaConf.register_new_resolver(
         "started", lambda pattern: distributed.start_time().strftime(pattern), replace=True)
@@ -177,11 +217,14 @@ def main() -> None:
         exit_with_user_error(ConfigError(f"cannot read the override {error.override!r}: "
                                          f"{describe_error(error)}"))
     except (ConfigError, HydraException) as error:  # raised while Hydra composes the config
+        rundir.leave_no_trace()
         exit_with_user_error(error)
     except OSError as error:  # a run dir that cannot be made or written, a full disk, ...
+        rundir.leave_no_trace()
         where = f" {error.filename}" if error.filename else ""
         exit_with_user_error(ConfigError(f"cannot write{where}: {error.strerror or error}"))
     except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now, not a traceback
+        rundir.leave_no_trace()
         sys.exit(130)
     except Exception as error:  # e.g. `model=0`: Hydra raises a bare ValueError for it
         if config_composed:

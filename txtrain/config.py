@@ -108,6 +108,7 @@ class ScheduleName(Choice):
     constant = "constant"
     cosine = "cosine"
     noam = "noam"
+    wsd = "wsd"
 
 
 @dataclass
@@ -293,11 +294,13 @@ class OptimConfig:
 class ScheduleConfig:
     name: ScheduleName = ScheduleName.cosine
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine: the floor, as a fraction of optim.lr
+    min_lr_ratio: float = 0.1  # cosine, wsd: the floor, as a fraction of optim.lr
+    decay_fraction: float = 0.2  # wsd: the share of the steps after warmup spent decaying
 
     def __post_init__(self) -> None:
         require(self.warmup_steps >= 0, "schedule.warmup_steps must not be negative")
         require(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]")
+        require(0 < self.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]")
         require(self.name != ScheduleName.noam or self.warmup_steps > 0,
                 "schedule=noam needs schedule.warmup_steps > 0")
 

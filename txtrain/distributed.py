@@ -85,10 +85,57 @@ def restart_store():
         return None
     import torch.distributed as dist
 
+    global agent_store
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                 env_world_size(), is_master=False)
     return dist.PrefixStore(f"txtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
                             agent_store)
+
+
+agent_store = None  # torchrun's agent's store, which outlives the workers it restarts
+
+
+def kept_across_restarts(key: str, decide):
+    """``decide()`` once per torchrun job: a group that torchrun restarts (``--max-restarts``)
+    gets what its first attempt decided, from the agent's store. Elsewhere, ``decide()``."""
+    if agent_store is None:
+        return decide()
+    key = f"txtrain/{key}"
+    if agent_store.check([key]):
+        return agent_store.get(key).decode()
+    value = decide()
+    agent_store.set(key, value)
+    return value
+
+
+def decided_by_rank_0(decide):
+    """``decide()`` on rank 0 alone, and its outcome on every rank: the value, or the exception
+    it raised, raised on every rank. No rank waits for an answer that never comes, and a
+    refusal ends every rank the same way."""
+    if not under_torchrun():
+        return decide()
+    import pickle
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # plan=true joins no group: every rank decides alike
+        return decide()
+    outcome = [None]
+    if env_rank() == 0:
+        try:
+            outcome[0] = (decide(), None)
+        except Exception as error:  # noqa: BLE001 - handed to every rank, raised there
+            try:
+                pickle.dumps(error)
+            except Exception:  # noqa: BLE001 - an exception that cannot travel: its message can
+                error = RuntimeError(f"{type(error).__name__}: {error}")
+            outcome[0] = (None, error)
+    dist.broadcast_object_list(outcome, src=0, device=torch.device("cpu"))
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
 
 
 def start_time() -> datetime:

@@ -25,8 +25,7 @@ class Precision:
         if self.name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("precision=bf16: this GPU has no bfloat16; use precision=fp16 or fp32")
         if device.type == "cuda":  # a process-wide switch; fp32 matmuls are the ones it affects
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.tf32
+            use_tf32(cfg.tf32)
         self.scaler = None
         if self.name == "fp16":
             if world_size > 1:
@@ -67,13 +66,14 @@ class Precision:
             self.scaler.step(optimizer)
             self.scaler.update()
 
-    def absorb_overflow(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Under fp16 an overflowing step is loss scaling at work: the scaler skips the update
-        and lowers the scale. False where there is no scaler to absorb it."""
+    def absorb_overflow(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+        """Under fp16, gradients that overflow while the loss is finite are loss scaling at
+        work: the scaler skips the update and lowers the scale. A non-finite loss is not (no
+        scale makes the forward pass finite again): False, as where there is no scaler."""
         if self.scaler is None:
             return False
-        self.step(optimizer)
-        return True
+        self.step(optimizer)  # non-finite gradients: the scaler skips the update either way
+        return bool(torch.isfinite(loss))
 
     def metrics(self) -> dict:
         return {} if self.scaler is None else {"loss_scale": float(self.scaler.get_scale())}
@@ -84,3 +84,14 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer)."""
+    mode = "tf32" if enabled else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # the API since torch 2.9
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled

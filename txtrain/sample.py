@@ -47,7 +47,7 @@ def load_model(path: Path, device: torch.device):
 
     if not path.exists():
         raise ConfigError(f"{path}: no such run dir or checkpoint")
-    checkpoint = find_checkpoint(str(path), Path("."))
+    checkpoint = find_checkpoint(str(path), Path("."), named=str(path))
     meta = load_meta(checkpoint)
     if meta["model_config"].get("arch", "gpt") != "gpt":
         raise ConfigError(f"{checkpoint} holds an encoder-decoder; txtrain-sample continues "
@@ -55,6 +55,13 @@ def load_model(path: Path, device: torch.device):
     model = Transformer(ModelConfig(**meta["model_config"]), meta["vocab_size"])
     load_model_weights(checkpoint, model)
     return model.to(device).eval(), meta, checkpoint
+
+
+def check_prompt_fits(prompt_tokens: int, context: int) -> None:
+    """The model sees at most ``context`` tokens: a longer prompt would lose its beginning."""
+    if prompt_tokens > context:
+        raise ConfigError(f"the prompt is {prompt_tokens} tokens long and the model reads at most "
+                          f"{context} (its model.max_seq_len); shorten the prompt")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,13 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
         model, meta, checkpoint = load_model(Path(args.checkpoint), device)
         codec = codec_from_checkpoint(meta, args.tokenizer_file)
-        codec.encode(args.prompt)  # a prompt the tokenizer cannot read fails before any work
+        context = model.cfg.max_seq_len
+        check_prompt_fits(len(codec.encode(args.prompt)), context)  # before any work
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {checkpoint} (step {meta['step']})", file=sys.stderr)
     sampling = Sampling([args.prompt], args.max_new_tokens, args.temperature, args.top_k or None)
-    context = model.cfg.max_seq_len
 
     def next_logits(inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs.to(device), last_only=True)

@@ -14,7 +14,7 @@ def build_strategy(cfg: Config, seq_len: int) -> SingleProcess:
         return SingleProcess(cfg.parallel, cfg.device)
     if name == "dp":
         from txtrain.parallel.dp import DP
-        return DP(cfg.parallel, cfg.device)
+        return DP(cfg.parallel, cfg.device, str(cfg.precision.name), cfg.compile)
     if name == "ddp":
         from txtrain.parallel.ddp import DDP
         return DDP(cfg.parallel, cfg.device)

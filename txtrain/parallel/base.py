@@ -126,8 +126,17 @@ class SingleProcess:
 
     def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
         """``run(next_logits)`` samples through ``next_logits`` (the logits of the last position
-        only); every rank must draw the same tokens."""
-        return run(lambda inputs: model(inputs.to(self.device), last_only=True))
+        only); every rank must draw the same tokens. Every rank runs the model (FSDP gathers
+        weights in it), then all draw from rank 0's logits: ranks whose logits differed in the
+        last bit could draw different tokens, and then their collectives would no longer match."""
+        def next_logits(inputs: torch.Tensor) -> torch.Tensor:
+            logits = model(inputs.to(self.device), last_only=True)
+            if self.world_size > 1:
+                logits = logits.float().contiguous()
+                dist.broadcast(logits, src=0)
+            return logits
+
+        return run(next_logits)
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

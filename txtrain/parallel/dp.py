@@ -1,7 +1,13 @@
 """``parallel=dp``: torch.nn.DataParallel, one process driving every visible GPU.
 
 Each forward splits the batch over the GPUs and gathers the logits on the first; gradients
-are summed onto the first GPU's parameters. No launcher needed, but slower than ddp."""
+are summed onto the first GPU's parameters. No launcher needed, but slower than ddp.
+
+DataParallel runs each replica in a thread of its own and re-enters autocast there without
+its dtype, which on CUDA means fp16: each replica therefore enters the run's autocast itself
+(``AutocastEachReplica``). And it copies the model at every forward, while a compiled block
+stays bound to the original's weights on the first GPU: ``compile=true`` is refused.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +16,43 @@ import logging
 import torch
 from torch import nn
 
-from txtrain.config import ParallelConfig
+from txtrain.config import ConfigError, ParallelConfig
 from txtrain.parallel.base import SingleProcess
+from txtrain.precision import DTYPES
 
 log = logging.getLogger("txtrain")
+
+
+class AutocastEachReplica(nn.Module):
+    """Runs ``module`` under autocast to ``dtype``, whatever autocast the calling thread has."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, device_type: str):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+        self.device_type = device_type
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
 
 
 class DP(SingleProcess):
     name = "dp"
 
-    def __init__(self, cfg: ParallelConfig, device: str = "auto"):
+    def __init__(self, cfg: ParallelConfig, device: str = "auto", precision: str = "fp32",
+                 compile: bool = False):
         super().__init__(cfg, device)
         self.n_gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        self.dtype = DTYPES[precision]
         if self.n_gpus < 2:
             log.warning(f"parallel=dp needs at least 2 GPUs and found {self.n_gpus}; "
                         "running as parallel=none")
+        elif compile:
+            raise ConfigError("parallel=dp cannot run compile=true: DataParallel copies the model "
+                              "onto every GPU at each forward and a compiled block keeps running "
+                              "the first GPU's weights; use parallel=ddp (one process per GPU) or "
+                              "compile=false")
 
     def describe(self) -> str:
         if self.n_gpus < 2:
@@ -33,7 +61,13 @@ class DP(SingleProcess):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
-        return nn.DataParallel(model) if self.n_gpus >= 2 else model
+        if self.n_gpus < 2:
+            return model
+        if self.dtype is not None:
+            model = AutocastEachReplica(model, self.dtype, self.device.type)
+        return nn.DataParallel(model)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, nn.DataParallel) else model
+        while isinstance(model, (nn.DataParallel, AutocastEachReplica)):
+            model = model.module
+        return model

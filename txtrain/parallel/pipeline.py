@@ -5,6 +5,12 @@ round-robin, for the interleaved schedule); the first stage also holds the embed
 last the final norm and the head. Each rank keeps the Transformer with only its own parts, so
 parameter names, and with them checkpoints, are those of the whole model. A step's batch runs
 through the stages as ``n_microbatches`` micro-batches in the order the schedule dictates.
+
+A stage sizes the activations it exchanges from the first batch it runs, and receives every
+later one into buffers of that shape: a batch of any other shape would come out wrong (or
+abort gloo). Training always feeds (train.batch_size, seq_len). Evaluation and sampling feed a
+few other shapes (a full eval batch, a shorter last one, one row per sampled token), so each
+of those gets forward-only stages of its own, built on first use and kept.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
-                                                    ScheduleInterleaved1F1B)
+                                                    ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
 from txtrain.config import ConfigError, ParallelConfig
 from txtrain.distributed import require_launched
@@ -65,18 +71,23 @@ class Pipeline(SingleProcess):
         model = keep_only(model, [name for name in model.blocks if name in mine],
                           first=self.is_first, last=self.is_last).to(self.device)
         self.vocab_size = model.vocab_size
+        self.chunks = chunks  # one per stage of this rank: evaluation builds stages of them later
         # Losses are already divided by the step's global target count: no further scaling.
-        self.train_schedule = self.schedule(chunks, loss_fn=self.stage_loss, scale_grads=False)
-        # Evaluation gets stages of its own: a stage sizes its buffers for the shapes it saw.
-        self.eval_schedule = self.schedule(chunks)
+        self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(),
+                                            self.cfg.n_microbatches, loss_fn=self.stage_loss,
+                                            scale_grads=False)
+        # (stages, schedule) by input shape, micro-batches and autocast; see forward_only
+        self.eval_schedules: dict[tuple, tuple[list[PipelineStage], object]] = {}
         return model
 
-    def schedule(self, chunks: list[nn.Module], **options):
-        stages = [PipelineStage(chunk, s, self.n_stages, self.device)
-                  for chunk, s in zip(chunks, self.my_stages)]
-        schedule_class = SCHEDULES[self.cfg.schedule]
-        stage_arg = stages if self.cfg.schedule == "interleaved" else stages[0]
-        return schedule_class(stage_arg, self.cfg.n_microbatches, **options)
+    def new_stages(self) -> list[PipelineStage]:
+        """Fresh stages of this rank's chunks (they share the chunks' parameters)."""
+        return [PipelineStage(chunk, s, self.n_stages, self.device)
+                for chunk, s in zip(self.chunks, self.my_stages)]
+
+    def schedule(self, schedule_class, stages: list[PipelineStage], n_microbatches: int, **options):
+        stage_arg = stages if self.cfg.stages_per_rank > 1 else stages[0]
+        return schedule_class(stage_arg, n_microbatches, **options)
 
     def stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The last stage's loss for one micro-batch, scaled for backward under fp16."""
@@ -103,18 +114,14 @@ class Pipeline(SingleProcess):
                                torch.cat([m.targets for m in micro_batches]))).to(self.device)
         self.loss_fn, self.precision = loss_fn, precision
         losses: list[torch.Tensor] = []  # the last stage's, one per micro-batch
+        args = (batch.inputs,) if self.is_first else ()
+        targets = {"target": batch.targets, "losses": losses} if self.is_last else {}
         with precision.autocast():
-            self.run(self.train_schedule, batch.inputs, batch.targets, losses)
+            # Only the losses are needed: the last stage neither keeps nor merges the logits.
+            self.train_schedule.step(*args, return_outputs=False, **targets)
         if not losses:
             return torch.zeros((), device=self.device)
         return precision.unscale_loss(torch.stack(losses).sum().detach())
-
-    def run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-            losses: list | None = None):
-        """One pass of a schedule; the first stage feeds the inputs, the last the targets."""
-        args = (inputs,) if self.is_first else ()
-        kwargs = {"target": targets, "losses": losses} if self.is_last and targets is not None else {}
-        return schedule.step(*args, **kwargs)
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         # Each rank holds different parameters: add the squares of the stages' norms.
@@ -127,14 +134,11 @@ class Pipeline(SingleProcess):
         """Every rank runs the task's evaluation in step; only the last stage has logits, so the
         others see a stand-in, and the last stage's results are shared with all."""
         def forward(inputs: torch.Tensor) -> torch.Tensor:
-            rows, length = inputs.shape
-            padded_rows = -rows % self.cfg.n_microbatches
-            inputs = nn.functional.pad(inputs, (0, self.seq_len - length, 0, padded_rows),
-                                       value=PAD).to(self.device)
-            logits = self.run(self.eval_schedule, inputs)
-            if not self.is_last:
-                return torch.zeros(1, 1, 1, device=self.device).expand(rows, length, self.vocab_size)
-            return logits[:rows, :length]
+            logits = self.forward_only(inputs)
+            if logits is None:
+                stand_in = torch.zeros(1, 1, 1, device=self.device)
+                return stand_in.expand(*inputs.shape, self.vocab_size)
+            return logits
 
         results = [run(forward)]
         dist.broadcast_object_list(results, src=self.last_rank, device=torch.device("cpu"))
@@ -144,18 +148,44 @@ class Pipeline(SingleProcess):
         """The last stage's next-token logits go to every rank, so that all draw the same
         token and the first stage feeds the right one back in."""
         def next_logits(inputs: torch.Tensor) -> torch.Tensor:
-            rows, length = inputs.shape
-            padded = nn.functional.pad(inputs, (0, self.seq_len - length,
-                                                0, -rows % self.cfg.n_microbatches), value=PAD)
-            logits = self.run(self.eval_schedule, padded.to(self.device))
-            if self.is_last:
-                last = logits[:rows, length - 1].float().contiguous()
+            logits = self.forward_only(inputs)
+            if logits is None:
+                last = torch.empty(len(inputs), self.vocab_size, device=self.device)
             else:
-                last = torch.empty(rows, self.vocab_size, device=self.device)
+                last = logits[:, -1].float().contiguous()
             dist.broadcast(last, src=self.last_rank)
             return last
 
         return run(next_logits)
+
+    def forward_only(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The logits of a (rows, length) batch of any shape on the last stage, None elsewhere.
+        Every rank must call it with the same shape (they build the same schedules)."""
+        rows, length = inputs.shape
+        if length > self.seq_len:
+            raise ValueError(f"a batch of length {length} exceeds {self.seq_len}")
+        # As many micro-batches as rows allow (one row for sampling), of equal size.
+        n_microbatches = min(self.cfg.n_microbatches, rows)
+        padded = nn.functional.pad(inputs, (0, self.seq_len - length, 0, -rows % n_microbatches),
+                                   value=PAD).to(self.device)
+        stages, schedule = self.eval_schedule(padded, n_microbatches)
+        logits = schedule.step(*((padded,) if self.is_first else ()))
+        for stage in stages:
+            stage.clear_runtime_states()  # else the kept stages hold on to the logits
+        return logits[:rows, :length] if self.is_last else None
+
+    def eval_schedule(self, padded: torch.Tensor, n_microbatches: int):
+        """Stages and a forward-only schedule for this input shape (and autocast), built on
+        first use. Forwards alone run in GPipe's order whatever the training schedule (1F1B
+        would also want at least as many micro-batches as stages)."""
+        device_type = self.device.type
+        key = (tuple(padded.shape), n_microbatches, torch.is_autocast_enabled(device_type),
+               torch.get_autocast_dtype(device_type))
+        if key not in self.eval_schedules:
+            schedule_class = ScheduleLoopedBFS if self.cfg.stages_per_rank > 1 else ScheduleGPipe
+            stages = self.new_stages()
+            self.eval_schedules[key] = stages, self.schedule(schedule_class, stages, n_microbatches)
+        return self.eval_schedules[key]
 
 
 def split_evenly(names: list[str], parts: int) -> list[list[str]]:

@@ -8,6 +8,7 @@ which checkpoints keep so that sampling needs only the checkpoint.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from pathlib import Path
 from typing import Protocol
@@ -114,7 +115,11 @@ class TiktokenTokenizer:
         return self.encoding.decode(ids)
 
     def state(self) -> dict:
-        return {"kind": "tiktoken", "name": self.name, "file": self.file}
+        # The ranks' digest lets a checkpoint find them again where the file has moved.
+        if not hasattr(self, "_ranks_sha256"):  # once: it hashes 50k ranks
+            self._ranks_sha256 = ranks_sha256(self.encoding)
+        return {"kind": "tiktoken", "name": self.name, "file": self.file,
+                "ranks_sha256": self._ranks_sha256}
 
     def fingerprint(self) -> str:
         """Names the ranks: the encoding's name, and the file's content when read from one."""
@@ -158,11 +163,49 @@ def build_tokenizer(name: str, file: str | None = None, corpus_text: str | None 
     return TiktokenTokenizer(name, file)
 
 
+def ranks_sha256(encoding) -> str | None:
+    """The sha256 of an encoding's ranks written as a .tiktoken file (for GPT-2's ranks, the
+    file's own sha256), wherever they were read from."""
+    ranks = getattr(encoding, "_mergeable_ranks", None)
+    if ranks is None:
+        return None
+    digest = hashlib.sha256()
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        digest.update(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def from_state(state: dict, file: str | None = None) -> Tokenizer:
-    """Rebuild a tokenizer from its ``state``; ``file`` overrides where its ranks are read."""
+    """Rebuild a tokenizer from its ``state``; ``file`` overrides where its ranks are read.
+    Ranks read from a file that has since moved come from tiktoken's cache instead, if it holds
+    the same ranks."""
     kind = state["kind"]
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer(state["symbols"])
-    return TiktokenTokenizer(state["name"], file or state.get("file"))
+    name, recorded = state["name"], state.get("file")
+    if file is not None or recorded is None or Path(recorded).expanduser().is_file():
+        tokenizer = TiktokenTokenizer(name, file or recorded)
+    else:
+        tokenizer = from_tiktoken_cache(name, recorded)
+    expected = state.get("ranks_sha256")
+    if expected is not None and ranks_sha256(tokenizer.encoding) not in (expected, None):
+        raise ConfigError(f"the {name} ranks read from {tokenizer.file or 'tiktoken'} differ from "
+                          "those the model was trained with")
+    return tokenizer
+
+
+def from_tiktoken_cache(name: str, moved_file: str) -> TiktokenTokenizer:
+    """GPT-2's ranks (tiktoken names them gpt2 and r50k_base) from tiktoken, in place of a
+    ranks file that is gone."""
+    for candidate in dict.fromkeys([name, *GPT2_NAMES] if name in GPT2_NAMES else [name]):
+        try:
+            tokenizer = TiktokenTokenizer(candidate)
+        except ConfigError:
+            continue
+        tokenizer.name = name
+        return tokenizer
+    raise ConfigError(f"the {name} ranks were read from {moved_file}, which is gone, and tiktoken "
+                      f"has no copy (offline, nothing cached); give the file's new place "
+                      "(txtrain-sample --tokenizer-file, or task.tokenizer_file)")
