@@ -264,3 +264,4 @@ def test_a_stop_whose_save_fails_still_stops_every_rank_the_same_way(faulty_runs
     assert zero["status"] == one["status"] == INTERRUPTED_STATUS
     assert f"exitcode  : {INTERRUPTED_STATUS}" in faulty_runs["output"]  # torchrun's report of the ranks
     assert "after step 11" in zero["stderr"] and zero["saves"][-1][0] == 11
+    assert "its checkpoint could not be saved" in zero["stderr"]  # not "checkpoint ... saved"

@@ -39,6 +39,7 @@ def load_gpu_check():
     return module
 
 
+@pytest.mark.slow
 def test_the_matrix_runs_on_a_cpu_and_every_check_that_applies_passes(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out),

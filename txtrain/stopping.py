@@ -22,8 +22,10 @@ INTERRUPTED_STATUS = 75  # EX_TEMPFAIL: try again later (a scheduler may requeue
 class Interrupted(Exception):
     """Training stopped on request after ``step``, with a checkpoint saved."""
 
-    def __init__(self, step: int, signal_name: str, checkpoint):
-        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint} saved; "
+    def __init__(self, step: int, signal_name: str, checkpoint, earlier_checkpoint=None):
+        saved = (f"checkpoint {checkpoint} saved" if checkpoint is not None else
+                 f"its checkpoint could not be saved, the latest is {earlier_checkpoint or 'none yet'}")
+        super().__init__(f"stopped by {signal_name} after step {step}; {saved}; "
                          "run the same command again to continue")
 
 

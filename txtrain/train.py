@@ -151,9 +151,9 @@ class Trainer:
 
     def stop_here(self, log: RunLog, signal_name: str) -> None:
         """Asked to stop: save this step and leave (``Interrupted``)."""
-        self.save(log)
+        saved = self.save(log)
         log.close()
-        raise Interrupted(self.step, signal_name, self.checkpoints.latest())
+        raise Interrupted(self.step, signal_name, saved, self.checkpoints.latest())
 
     def finish(self, log: RunLog, summary: dict) -> None:
         """The result into run.json, and the curves into loss.png."""
