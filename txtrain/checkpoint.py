@@ -382,6 +382,17 @@ def read_state(path: Path, state: dict) -> None:
         dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not dist.is_initialized())
 
 
+def load_state_keys(path: Path) -> set[str]:
+    """The keys of the tensors and values in a checkpoint's state (``optimizer.state.<name>.exp_avg``),
+    read on every rank; one that cannot read them stops them all (``LoadFailed``)."""
+    def read_keys() -> set[str]:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return set(FileSystemReader(str(path / STATE_DIR)).read_metadata().state_dict_metadata)
+
+    return agreed_load(path, "reading the list of its saved state", read_keys)
+
+
 def agreed_load(path: Path, phase: str, action: Callable):
     try:
         return agree(phase, action)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from txtrain.allocator import keep_freed_memory
-from txtrain.checkpoint import (STATE_DIR, Checkpoints, SaveFailed, find_checkpoint_everywhere, load_meta,
-                                load_state)
+from txtrain.checkpoint import (Checkpoints, SaveFailed, find_checkpoint_everywhere, load_meta, load_state,
+                                load_state_keys)
 from txtrain.compat import check_same_model, check_same_run, config_hash, plain, run_config
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.generate import complete
@@ -318,7 +318,7 @@ class Trainer:
         if saved is not None and saved != mine:
             return f"checkpoint {path} holds the state of optim={saved}, this run uses optim={mine}"
         # Also the same optimizer may need state the checkpoint lacks (sgd saved with momentum 0).
-        have = saved_state_keys(path)
+        have = load_state_keys(path)
         needed = flat_keys(per_parameter_state(optimizer_state), "optimizer.")
         missing = {key.rsplit(".", 1)[-1] for key in needed if key not in have}  # e.g. momentum_buffer
         missing = sorted(set().union(*self.strategy.gather(missing)))
@@ -442,13 +442,6 @@ def log_files(run_dir: Path) -> set[Path]:
     return {run_dir / "txtrain.log"} | {Path(handler.baseFilename) for handler in handlers
                                        if isinstance(handler, logging.FileHandler)
                                        and Path(handler.baseFilename).parent == here}
-
-
-def saved_state_keys(path: Path) -> set[str]:
-    """The keys of the tensors and values in a checkpoint's state (``optimizer.state.<name>.exp_avg``)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return set(FileSystemReader(str(path / STATE_DIR)).read_metadata().state_dict_metadata)
 
 
 def flat_keys(tree: dict, prefix: str = "") -> list[str]:
