@@ -170,7 +170,8 @@ def test_our_own_traceback_lines_are_told_apart_wherever_the_checkout_and_its_ve
     package = Path(txtrain.__file__).resolve().parent
     checkout = package.parent
     torch_frame = f'  File "{checkout}/.venv/lib/python3.11/site-packages/torch/distributed/run.py", line 9'
-    clone_frame = '  File "/home/someone/txtrain/.venv/lib/python3.12/site-packages/torch/__init__.py", line 3'
+    elsewhere = Path(package.anchor, "elsewhere", "txtrain", ".venv")  # another clone named txtrain
+    clone_frame = f'  File "{elsewhere}/lib/python3.12/site-packages/torch/__init__.py", line 3'
     ours = f'  File "{package / "cli.py"}", line 80, in run'
     report = "\n".join(["Traceback (most recent call last):", torch_frame, clone_frame, ours,
                         "txtrain.config.ConfigError: error: txtrain said so"])

@@ -140,14 +140,7 @@ def leave_no_trace() -> None:
     rundir.leave_no_trace()
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
-        remove_if_empty(Path(hydra_cfg.runtime.output_dir))  # a sweep's job folder, made by Hydra
-
-
-def remove_if_empty(run_dir: Path) -> None:
-    try:
-        run_dir.rmdir()  # only ever removes an empty folder
-    except OSError:
-        pass
+        rundir.remove_empty([Path(hydra_cfg.runtime.output_dir)])  # a sweep's job folder, made by Hydra
 
 
 def summary_line(summary: dict, run_dir: Path) -> str:
