@@ -38,11 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_module
 
 from txtrain import runinfo
-from txtrain.cli import to_config
-from txtrain.config import Config, register_configs
+from txtrain.cli import compose_config
+from txtrain.config import Config
 from txtrain.model import Transformer
 from txtrain.optim import lr_factor
 from txtrain.tasks import build_task
@@ -85,7 +84,7 @@ def bench(overrides: list[str], steps: int, warmup: int, pairs: int, with_refere
           out: Path, interleaved_steps: int = 0) -> dict:
     overrides = [*overrides, f"train.steps={warmup + steps}", "train.log_every=1", "train.eval_every=0",
                  "train.save_every=0", "progress=false"]
-    cfg = compose_config(overrides)
+    cfg = compose_config(*overrides)
     if cfg.task.name == "text":  # the evaluation after the last step: keep it short
         overrides.append(f"task.eval_tokens={cfg.task.seq_len}")
     task = build_task(cfg.task, cfg.seed, progress=False)  # also fills the token cache
@@ -160,12 +159,6 @@ def take_turns(cfg: Config, warmup: int, steps: int, run_dir: Path) -> dict:
     return {"ratio": statistics.median(times["reference"][warmup:]) / statistics.median(times["txtrain"][warmup:]),
             "ratio_per_step": ratios, "step_ms": {side: [1000 * t for t in ts] for side, ts in times.items()},
             "losses": losses}
-
-
-def compose_config(overrides: list[str]) -> Config:
-    register_configs()
-    with initialize_config_module("txtrain.configs", version_base=None):
-        return to_config(compose("train", overrides=overrides))
 
 
 def reference_mismatch(cfg: Config) -> str | None:

@@ -525,7 +525,7 @@ def check_speed(ctx: Context) -> Result:
     tokens_per_s = tokens / seconds
 
     bench = load_script("bench")  # FLOPs per token, matmul peaks: the benchmark's own
-    cfg = bench.compose_config(overrides)
+    cfg = compose(overrides)
     from txtrain.tasks import build_task
 
     vocab_size = build_task(cfg.task, cfg.seed, progress=False).vocab_size  # from the token cache
@@ -591,14 +591,9 @@ DEFAULT_JOBS = {"cuda": 1, "cpu": 2}
 
 # --- running the checks ---------------------------------------------------------------------------
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from txtrain.cli import compose_config
 
-    from txtrain.cli import to_config
-    from txtrain.config import register_configs
-
-    register_configs()
-    with initialize_config_module("txtrain.configs", version_base=None):
-        return to_config(hydra_compose("train", overrides=["progress=false", *overrides]))
+    return compose_config("progress=false", *overrides)
 
 
 def load_script(name: str):

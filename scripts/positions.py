@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 
-from txtrain.cli import to_config
-from txtrain.config import SyntheticTaskConfig, register_configs
+from txtrain.cli import compose_config
+from txtrain.config import SyntheticTaskConfig
 from txtrain.tasks.synthetic import SyntheticTask
 from txtrain.train import Trainer
 
@@ -33,12 +32,6 @@ ARCHS = {"gpt": ["model=tiny"],
          "encoder_decoder": ["model=transformer-tiny", "schedule=noam", "train.label_smoothing=0.1"]}
 SCHEMES = ("learned", "sinusoidal", "rope", "none")
 EVAL_EXAMPLES = 200  # per length (fewer where the length has fewer distinct strings)
-
-
-def compose_config(overrides: list[str]):
-    register_configs()
-    with initialize_config_module("txtrain.configs", version_base=None):
-        return to_config(compose("train", overrides=overrides))
 
 
 def exact_match_by_length(trainer: Trainer, train_cfg: SyntheticTaskConfig, lengths: range) -> dict[int, float]:
@@ -71,10 +64,10 @@ def main() -> None:
     results = []
     for arch in args.archs:
         for pos in args.schemes:
-            cfg = compose_config([
+            cfg = compose_config(
                 "experiment=positions", *ARCHS[arch], f"task.max_len={L}", f"task.eval_min_len={L + 1}",
                 f"task.eval_max_len={2 * L}", f"model.pos={pos}", f"train.steps={args.steps}",
-                "train.save_every=0", "train.log_every=100", "progress=false", *args.overrides])
+                "train.save_every=0", "train.log_every=100", "progress=false", *args.overrides)
             trainer = Trainer(cfg, work / f"{arch}-{pos}")
             summary = trainer.fit()
             by_length = exact_match_by_length(trainer, cfg.task, range(1, 2 * L + 1))

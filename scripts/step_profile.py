@@ -16,6 +16,7 @@ import tempfile
 from torch.profiler import ProfilerActivity, profile
 
 import bench
+from txtrain.cli import compose_config
 from txtrain.train import Trainer
 
 GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"),
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = ([] if args.no_defaults else bench.DEFAULTS) + args.overrides + ["progress=false"]
-    cfg = bench.compose_config(overrides)
+    cfg = compose_config(*overrides)
     trainer = Trainer(cfg, tempfile.mkdtemp(prefix="profile-"))
 
     def step(number: int) -> None:

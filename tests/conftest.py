@@ -1,5 +1,6 @@
 import contextlib
 import io
+import json
 import logging
 import os
 import subprocess
@@ -8,10 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-
-from txtrain.cli import to_config
-from txtrain.config import Config, register_configs
+from txtrain.cli import compose_config
+from txtrain.config import Config
 from txtrain.distributed import STARTED_VARIABLE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -19,10 +18,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def make_config(*overrides: str) -> Config:
     """Compose the config exactly as the command line would, from overrides."""
-    register_configs()
-    with initialize_config_module("txtrain.configs", version_base=None):
-        raw = compose("train", overrides=["progress=false", *overrides])
-    return to_config(raw)
+    return compose_config("progress=false", *overrides)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> training loss from a run's metrics.jsonl; where a resumed run wrote a step
+    again, its latest record."""
+    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {record["step"]: record["loss"] for record in records}
 
 
 def run_txtrain(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

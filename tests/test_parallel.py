@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import txtrain
-from conftest import make_config, run_txtrain
+from conftest import losses, make_config, run_txtrain
 from txtrain.checkpoint import Checkpoints, load_meta, load_model_weights
 from txtrain.model import Transformer
 
@@ -53,11 +53,6 @@ def torchrun(*args: str, nproc: int = 2, cwd: Path, torchrun_args=(), timeout: f
                 *(torchrun_args or ["--standalone"])]
     return subprocess.run([*launcher, "-m", "txtrain", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
 
 
 def evaluations(run_dir: Path) -> list[dict]:

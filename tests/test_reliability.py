@@ -1,13 +1,12 @@
 """Checkpoints survive damage: a truncated or altered one is detected and passed over, a failed
 save leaves the previous one intact, and retention keeps the newest."""
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 
-from conftest import make_config, run_txtrain
+from conftest import losses, make_config, run_txtrain
 from txtrain import checkpoint
 from txtrain.checkpoint import Checkpoints, DamagedCheckpoint, verify
 from txtrain.config import ConfigError
@@ -20,12 +19,6 @@ def train(run_dir: Path, *overrides: str) -> Trainer:
     trainer = Trainer(make_config(*RUN, *overrides), run_dir)
     trainer.fit()
     return trainer
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Step -> loss, the latest record of each step (a resumed run writes its steps again)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
 
 
 def truncate_largest_file(checkpoint: Path) -> Path:

@@ -1,12 +1,11 @@
 """The trainer learns, repeats itself, resumes exactly, and accumulates gradients exactly."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import make_config
+from conftest import losses, make_config
 from txtrain.generate import greedy_exact_match
 from txtrain.optim import lr_factor
 from txtrain.config import ScheduleConfig
@@ -19,11 +18,6 @@ SMALL = ["model.n_layer=1", "model.n_embd=32", "task.n_eval=100", "task.max_len=
 def fit(run_dir: Path, *overrides: str) -> tuple[Trainer, dict]:
     trainer = Trainer(make_config(*overrides), run_dir)
     return trainer, trainer.fit()
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in records}
 
 
 @pytest.fixture(scope="module")

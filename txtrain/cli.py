@@ -59,7 +59,20 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
 config_composed = False
 
 
-@hydra.main(config_path="configs", config_name="train", version_base=None)
+CONFIG_MODULE = "txtrain.configs"  # the repository's configs/, installed inside the package
+
+
+def compose_config(*overrides: str) -> Config:
+    """The typed config that ``txtrain *overrides`` would train with, composed without running
+    anything (for scripts and tests)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(CONFIG_MODULE, version_base=None):
+        return to_config(compose("train", overrides=list(overrides)))
+
+
+@hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base=None)
 def run(raw: DictConfig) -> dict:
     global config_composed
     config_composed = True
