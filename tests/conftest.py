@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import forked
 from txtrain.cli import compose_config
 from txtrain.config import Config
 from txtrain.distributed import STARTED_VARIABLE
@@ -29,11 +31,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def run_txtrain(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh process."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "txtrain", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run the real command line in a fresh process (forked with torch already imported: see
+    forked.py)."""
+    return forked.run(args, cwd, dict(os.environ, PYTHONWARNINGS="ignore"), timeout)[0]
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def call_txtrain(*args: str) -> Outcome:
     # back what the tests had, or later messages would fail to open that file.
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    sys.argv = ["txtrain", "progress=false", *args]
+    sys.argv = ["txtrain", *args, "progress=false"]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main()

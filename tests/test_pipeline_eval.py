@@ -13,7 +13,6 @@ eval.jsonl and samples.txt against its checkpoint evaluated in this process.
 import copy
 import json
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import forked
 from conftest import make_config
 from test_parallel import evaluations, torchrun
 
@@ -38,11 +38,9 @@ PROMPT_LENGTHS = [3, 1, 12]
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("worker") / "results.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               __file__, str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    ranks = forked.run([out], out.parent, env, command=__file__, ranks=2)
+    assert [rank.returncode for rank in ranks] == [0, 0], [rank.stderr[-3000:] for rank in ranks]
     return json.loads(out.read_text())
 
 
@@ -131,7 +129,7 @@ def check_broadcast() -> dict:
     """generate under ddp and fsdp, with a model whose logits depend on the rank."""
     import torch.distributed as dist
 
-    from txtrain.generate import sample
+    from txtrain.generate import draw_tokens
     from txtrain.parallel.ddp import DDP
     from txtrain.parallel.fsdp import FSDP
 
@@ -145,8 +143,8 @@ def check_broadcast() -> dict:
             return torch.randn(inputs.shape[0], 50, generator=generator)
 
     def draw(next_logits):
-        return sample(next_logits, [1, 2, 3], 12, temperature=1.0,
-                      generator=torch.Generator().manual_seed(0))
+        return draw_tokens(next_logits, [1, 2, 3], 12, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0))
 
     rank, results = dist.get_rank(), {}
     for name, strategy_class in {"ddp": DDP, "fsdp": FSDP}.items():
@@ -161,7 +159,7 @@ def check_broadcast() -> dict:
 
 def check_pipeline(schedule: str) -> dict:
     """Logits, task evaluation and sampling through a pipeline against the whole model."""
-    from txtrain.generate import sample
+    from txtrain.generate import draw_tokens
     from txtrain.model import build_model
     from txtrain.parallel.pipeline import Pipeline
     from txtrain.tasks import build_task
@@ -192,8 +190,8 @@ def check_pipeline(schedule: str) -> dict:
                        task.evaluate(whole, 70))
 
     def draw_all(next_logits):
-        return [sample(next_logits, random_batch(1, length)[0].tolist(), 5, temperature=1.0,
-                       generator=torch.Generator().manual_seed(length), context=seq_len)
+        return [draw_tokens(next_logits, random_batch(1, length)[0].tolist(), 5, temperature=1.0,
+                            generator=torch.Generator().manual_seed(length), context=seq_len)
                 for length in PROMPT_LENGTHS]
 
     inputs.manual_seed(2)

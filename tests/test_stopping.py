@@ -45,7 +45,10 @@ def wait_for_steps(process: subprocess.Popen, cwd: Path, steps: int) -> Path:
     """Wait until the run (its dir found under ``cwd``) has logged ``steps`` steps."""
     deadline = time.monotonic() + 180
     while True:
-        logged = [m for m in cwd.rglob("metrics.jsonl") if len(m.read_text().splitlines()) >= steps]
+        try:
+            logged = [m for m in cwd.rglob("metrics.jsonl") if len(m.read_text().splitlines()) >= steps]
+        except FileNotFoundError:  # a checkpoint's .tmp folder renamed while the search walked it
+            logged = []
         if logged:
             return logged[0].parent
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()

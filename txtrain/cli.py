@@ -11,7 +11,9 @@ import dataclasses
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -54,11 +56,6 @@ def reject_unknown_keys(node: DictConfig, path: str = "") -> None:
             reject_unknown_keys(child, f"{path}{key}.")
 
 
-# Set once Hydra hands over the composed config. Before that, whatever goes wrong comes from
-# overrides Hydra could not apply; after it, an unexpected exception is a bug.
-config_composed = False
-
-
 CONFIG_MODULE = "txtrain.configs"  # the repository's configs/, installed inside the package
 
 
@@ -74,8 +71,6 @@ def compose_config(*overrides: str) -> Config:
 
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base=None)
 def run(raw: DictConfig) -> dict:
-    global config_composed
-    config_composed = True
     trainer = None
     try:
         cfg = to_config(raw)
@@ -114,6 +109,10 @@ def run(raw: DictConfig) -> dict:
         if trainer is not None:
             trainer.strategy.close()
         sys.exit(INTERRUPTED_STATUS)
+    except OSError:  # a full disk, a folder that cannot be written: reported in one line
+        raise
+    except Exception as bug:  # not the user's doing: keep the traceback, exit 1
+        raise Bug() from bug
     finally:
         rundir.let_go()
     if trainer.strategy.is_main:
@@ -186,7 +185,7 @@ def describe_error(error: BaseException) -> str:
                     or (line.startswith("'") and line.endswith("'"))):
                 continue
             if lines and lines[-1].endswith((":", ",")) and " " not in line:
-                lines[-1] += (" " if lines[-1].endswith(":") else " ") + line + ","
+                lines[-1] += " " + line + ","
             else:
                 lines.append(line)
         # `raise ... from None` means the cause is noise: stop there.
@@ -203,22 +202,26 @@ def main() -> None:
         run_command()
 
 
+class Bug(Exception):
+    """An unexpected exception once Hydra has composed the config: a bug, reported with its
+    traceback. Anything unexpected before that comes from an override Hydra could not apply."""
+
+    def __str__(self) -> str:
+        return "txtrain failed unexpectedly (the traceback above shows where)"
+
+
 def run_command() -> None:
-    global config_composed
-    config_composed = False
     rundir.made_here.clear()
     register_configs()
     OmegaConf.register_new_resolver(
         "started", lambda pattern: distributed.start_time().strftime(pattern), replace=True)
     # Let exceptions reach us instead of Hydra's own report, which exits 1 with several lines.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    sys.argv = [expand_plan_flag(arg) for arg in sys.argv]
-    if "plan.only=true" in sys.argv:
-        sys.argv += PLAN_ONLY_OVERRIDES
-    elif distributed.join_job():
-        sys.argv += distributed.hydra_overrides_for_rank()
     try:
-        run()
+        with command_line(hydra_arguments(sys.argv)):
+            run()
+    except Bug:
+        raise
     except OverrideParseException as error:  # Hydra's message does not say which override
         exit_with_user_error(ConfigError(f"cannot read the override {error.override!r}: "
                                          f"{describe_error(error)}"))
@@ -233,9 +236,29 @@ def run_command() -> None:
         rundir.leave_no_trace()
         sys.exit(130)
     except Exception as error:  # e.g. `model=0`: Hydra raises a bare ValueError for it
-        if config_composed:
-            raise
         exit_with_user_error(error)
+
+
+def hydra_arguments(argv: list[str]) -> list[str]:
+    """The user's command line as Hydra should read it: ``plan=true`` spelled out, and what a
+    plan or a torchrun worker adds."""
+    arguments = [expand_plan_flag(arg) for arg in argv]
+    if "plan.only=true" in arguments:
+        return arguments + PLAN_ONLY_OVERRIDES
+    if distributed.join_job():
+        return arguments + distributed.hydra_overrides_for_rank()
+    return arguments
+
+
+@contextmanager
+def command_line(arguments: list[str]) -> Iterator[None]:
+    """``hydra.main`` reads its arguments from ``sys.argv`` and nowhere else: hand it these for
+    the length of the call only."""
+    saved, sys.argv = sys.argv, arguments
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 # A plan writes nothing: no run dir, no saved config, no log file (the handler opens it lazily).
