@@ -71,7 +71,7 @@ def test_a_schedule_or_another_optimizer_keeps_its_preset_with_every_task(task):
         assert as_plain(cfg.optim) == preset("optim", optim, OptimConfig), f"task={task} optim={optim}"
 
 
-@pytest.mark.parametrize("task, steps, lr, n_embd", [("copy", 800, 3e-3, 128), ("reverse", 700, 2e-3, 128),
+@pytest.mark.parametrize("task, steps, lr, n_embd", [("copy", 1000, 3e-3, 128), ("reverse", 700, 2e-3, 128),
                                                      ("fibonacci", 1500, 1e-3, 192)])
 def test_a_task_alone_gets_its_recipe_and_the_command_line_still_wins(task, steps, lr, n_embd):
     cfg = make_config(f"task={task}")

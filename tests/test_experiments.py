@@ -89,7 +89,8 @@ def test_every_run_writes_loss_png_and_a_sweep_gets_an_overlay(sweep_dir):
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(sweep_dir, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    for module in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(SystemExit) as stopped:
         plots.main([str(sweep_dir / "0")])
     assert stopped.value.code == 2
