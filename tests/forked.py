@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,44 +78,86 @@ def child(command: str, args: list[str], cwd: str, env: dict, out: str, err: str
     os._exit(status)  # no atexit handlers inherited from the fork server
 
 
+class Forked:
+    """One forked command, handled like a ``subprocess.Popen``: ``pid``, ``poll()``, ``wait()``,
+    ``send_signal()``, ``kill()``, ``communicate()`` (its output comes from files)."""
+
+    def __init__(self, command: str, args: list[str], cwd: Path, env: dict, threads: int = 0):
+        self.args = [command, *map(str, args)]
+        self.logs = Path(tempfile.mkdtemp(prefix="forked-"))
+        self.out, self.err = self.logs / "out", self.logs / "err"
+        self.process = context().Process(target=child, args=(command, self.args[1:], str(cwd), env,
+                                                             str(self.out), str(self.err), threads))
+        self.process.start()
+        self.pid = self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode  # negative: killed by that signal, as with Popen
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the end (raising ``subprocess.TimeoutExpired`` after ``timeout`` seconds,
+        the process left running); its exit status."""
+        self.process.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end, as ``wait`` does; its stdout and stderr."""
+        self.wait(timeout)
+        output = tuple(path.read_text(errors="replace") for path in (self.out, self.err))
+        shutil.rmtree(self.logs, ignore_errors=True)
+        return output
+
+    def finish(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        try:
+            stdout, stderr = self.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.join()
+            raise
+        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+
+
+def start(args, cwd: Path, env: dict | None = None, command: str = "txtrain", rank: int | None = None,
+          ranks: int = 1, port: int = 0) -> Forked:
+    """Start ``command *args`` (a command of ENTRY_POINTS, or a script's path) in a forked
+    process; with ``rank``, as that rank of ``ranks`` meeting at ``port``, as under torchrun."""
+    env = dict(os.environ if env is None else env)
+    env.pop("HYDRA_FULL_ERROR", None)
+    threads = 0
+    if rank is not None:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
+                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        threads = 1  # what torchrun sets for several processes on one machine
+    return Forked(command, args, cwd, env, threads)
+
+
 def run(args, cwd: Path, env: dict | None = None, timeout: float = 300, command: str = "txtrain",
         ranks: int = 1) -> list[subprocess.CompletedProcess]:
-    """``command *args`` (a command of ENTRY_POINTS, or a script's path) in ``ranks`` forked
-    processes (one rank each when ``ranks`` > 1, as
-    torchrun would start them); their outcomes in rank order. A run past ``timeout`` seconds is
-    killed and raises ``subprocess.TimeoutExpired``."""
-    base = dict(os.environ if env is None else env)
-    base.pop("HYDRA_FULL_ERROR", None)
-    if ranks > 1:
-        base.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(free_port()))
-    logs = Path(tempfile.mkdtemp(prefix="forked-"))
-    processes = []
-    for rank in range(ranks):
-        rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank)) if ranks > 1 else base
-        files = (str(logs / f"{rank}.out"), str(logs / f"{rank}.err"))
-        process = context().Process(target=child, args=(command, [str(a) for a in args], str(cwd),
-                                                        rank_env, *files, 1 if ranks > 1 else 0))
-        process.start()
-        processes.append((process, files))
+    """``command *args`` in ``ranks`` forked processes (one rank each when ``ranks`` > 1, as
+    torchrun would start them), to the end; their outcomes in rank order."""
+    if ranks == 1:
+        return [start(args, cwd, env, command).finish(timeout)]
+    port = free_port()
+    started = [start(args, cwd, env, command, rank, ranks, port) for rank in range(ranks)]
     try:
-        for process, _ in processes:
-            process.join(timeout)
-            if process.exitcode is None:
-                raise subprocess.TimeoutExpired([command, *map(str, args)], timeout)
+        return [process.finish(timeout) for process in started]
     finally:
-        for process, _ in processes:
-            if process.exitcode is None:
+        for process in started:
+            if process.returncode is None:
                 process.kill()
-                process.join()
-    done = [subprocess.CompletedProcess([command, *map(str, args)], process.exitcode,
-                                        Path(out).read_text(errors="replace"),
-                                        Path(err).read_text(errors="replace"))
-            for process, (out, err) in processes]
-    for path in logs.iterdir():
-        path.unlink()
-    logs.rmdir()
-    return done
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+import forked
 from conftest import call_txtrain
 from txtrain.stopping import INTERRUPTED_STATUS
 
@@ -23,19 +24,25 @@ LONGER = [*TINY, "train.steps=30", "train.log_every=1", "train.save_every=10"]
 SAME_SECOND = "2026-11-27T14:31:45"  # what every process of one launch agrees on (distributed.start_time)
 
 
-def start(args: list[str], cwd: Path, **env) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **env)
+def start(args: list[str], cwd: Path, **env) -> forked.Forked:
+    """The command line in a process of its own, started with torch already imported."""
+    return forked.start(args, cwd, dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **env))
+
+
+def start_afresh(args: list[str], cwd: Path) -> subprocess.Popen:
+    """The command line in a new interpreter, which spends seconds importing torch."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.Popen([sys.executable, "-m", "txtrain", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+def finish(process: subprocess.Popen | forked.Forked) -> subprocess.CompletedProcess:
     stdout, stderr = process.communicate(timeout=180)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def wait_until(ready, process: subprocess.Popen, poll: float = 0.02) -> None:
+def wait_until(ready, process: subprocess.Popen | forked.Forked, poll: float = 0.02) -> None:
     deadline = time.monotonic() + 120
     while not ready():
         assert process.poll() is None, finish(process).stderr[-3000:]
@@ -151,7 +158,7 @@ def test_a_refused_command_removes_the_folders_it_made_and_only_those(tmp_path, 
 
 # --- stop requests ----------------------------------------------------------------------------
 def test_a_stop_request_during_start_up_exits_75_and_leaves_no_run_dir(tmp_path):
-    process = start(TINY, tmp_path)
+    process = start_afresh(TINY, tmp_path)
     wait_until(lambda: any(tmp_path.glob("outputs/*/*")), process, poll=0.005)  # torch still loading
     process.send_signal(signal.SIGTERM)
     done = finish(process)
