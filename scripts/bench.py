@@ -47,7 +47,7 @@ from txtrain.optim import lr_factor
 from txtrain.tasks import build_task
 
 SCRIPTS = Path(__file__).resolve().parent
-# The issue's reference config: a 6-layer, 384-wide GPT on 256-token windows, batch 8.
+# The reference config: a 6-layer, 384-wide GPT on 256-token windows, batch 8.
 DEFAULTS = ["task=text", "model.n_layer=6", "model.n_head=6", "model.n_embd=384", "task.seq_len=256",
             "train.batch_size=8", "train.micro_batch_size=8", "precision=fp32", "model.dropout=0"]
 # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, FLOP/s.

@@ -2,12 +2,14 @@
 
     python scripts/memory_table.py                       # small and gpt2 presets, the full grid
     python scripts/memory_table.py --models small --steps 2
+    python scripts/memory_table.py --models tiny --strategies ddp --precisions fp32 --checkpointing off --steps 1
 
-Each cell trains a few steps in a fresh process (two under torchrun for fsdp) and reports,
-per rank (the busiest): the planner's estimate, and the measured peak. On CUDA that is
-``torch.cuda.max_memory_allocated``. On a CPU there are two: the allocator's own peak, read
-from a memory profile of the whole run (what the plan predicts), and the process's peak
-resident size above its start, which adds the C library's and kernels' slack.
+Each cell trains a few steps in a fresh process (two under torchrun for a strategy that runs
+one process per device) and reports, per rank (the busiest): the planner's estimate, and the
+measured peak. On CUDA that is ``torch.cuda.max_memory_allocated``. On a CPU there are two:
+the allocator's own peak, read from a memory profile of the whole run (what the plan
+predicts), and the process's peak resident size above its start, which adds the C library's
+and kernels' slack.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from txtrain.parallel import STRATEGIES  # no torch: the table's own process only starts others
 
 MiB = 2**20
 
@@ -51,23 +55,17 @@ def run_cell(overrides: list[str], nproc: int, steps: int, extra: list[str]) -> 
 
 def one(run_dir: Path, steps: int, overrides: list[str]) -> None:
     """Train in this process (one rank of a torchrun job, maybe) under a memory profile."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
-    from hydra import compose, initialize_config_module
     from torch.profiler import ProfilerActivity, profile
 
     from txtrain import distributed
-    from txtrain.cli import to_config
-    from txtrain.config import register_configs
+    from txtrain.cli import compose_config
     from txtrain.train import Trainer
 
-    if distributed.under_torchrun():
-        distributed.init_process_group()
-    register_configs()
-    with initialize_config_module("txtrain.configs", version_base=None):
-        cfg = to_config(compose("train", overrides=[
-            "progress=false", f"train.steps={steps}", "train.log_every=1", "train.save_every=0",
-            "train.eval_batch_size=8", "task.n_eval=8", *overrides]))
+    distributed.join_job()  # under torchrun: every rank joins the process group
+    cfg = compose_config("progress=false", f"train.steps={steps}", "train.log_every=1",
+                         "train.save_every=0", "train.eval_batch_size=8", "task.n_eval=8",
+                         *overrides)
     rank = int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cuda:
@@ -92,8 +90,9 @@ def one(run_dir: Path, steps: int, overrides: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["small", "gpt2"])
-    parser.add_argument("--strategies", nargs="+", default=["none", "fsdp"])
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=["none", "fsdp"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
@@ -108,8 +107,8 @@ def main() -> None:
           "process peak | planned / allocator |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     for model, strategy, precision, ckpt in itertools.product(
-            args.models, args.strategies, args.precisions, (False, True)):
-        nproc = 1 if strategy in ("none", "dp") else 2
+            args.models, args.strategies, args.precisions, [c == "on" for c in args.checkpointing]):
+        nproc = 2 if STRATEGIES[strategy].placement.multi_process else 1
         ranks = run_cell(cell_overrides(model, strategy, precision, ckpt), nproc, args.steps, extra)
         top = max(ranks, key=lambda r: r["planned"]["peak"])
         planned, measured = top["planned"]["peak"], top["measured_peak"]

@@ -6,6 +6,7 @@ step's loss and the relative difference of the final weights (as one vector).
 
     python scripts/parity.py                 # 30 steps on CPU with gloo
     python scripts/parity.py --steps 100 --extra model=small task.max_len=32
+    python scripts/parity.py --strategies fsdp "pipeline 1f1b"
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from txtrain.checkpoint import Checkpoints, load_meta, load_model_weights
+from txtrain.checkpoint import Checkpoints, load_model_weights
 from txtrain.config import ModelConfig
-from txtrain.model import Transformer
+from txtrain.model import build_model
+from txtrain.resume import CheckpointMeta
 
 STRATEGIES = {  # name: (overrides, processes)
     "ddp": (["parallel=ddp"], 2),
@@ -56,8 +58,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def weights(run_dir: Path) -> torch.Tensor:
     checkpoint = Checkpoints(run_dir / "checkpoints").latest()
-    meta = load_meta(checkpoint)
-    model = Transformer(ModelConfig(**meta["model_config"]), meta["vocab_size"])
+    meta = CheckpointMeta.load(checkpoint)
+    model = build_model(ModelConfig(**meta.model_config), meta.vocab_size)
     load_model_weights(checkpoint, model)
     return torch.cat([p.detach().flatten() for p in model.state_dict().values()])
 
@@ -66,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
+                        metavar="NAME", help="rows of the table (default: all)")
     args = parser.parse_args()
     common = [f"train.steps={args.steps}", "train.log_every=1", "train.eval_every=0",
               "task.n_eval=100", "model.n_layer=4", "model.tie_embeddings=false",
@@ -77,7 +81,8 @@ def main() -> None:
         print(f"| strategy | processes | max relative loss difference ({args.steps} steps) "
               "| final weights, relative difference |")
         print("|---|---|---|---|")
-        for i, (name, (overrides, nproc)) in enumerate(STRATEGIES.items()):
+        for i, name in enumerate(args.strategies):
+            overrides, nproc = STRATEGIES[name]
             run_dir = Path(tmp) / str(i)
             train(run_dir, [*overrides, *common], nproc)
             got = losses(run_dir)

@@ -83,7 +83,7 @@ def test_bench_reports_speed_mfu_memory_data_wait_and_start_up(tmp_path):
 
 def test_bench_says_why_it_cannot_run_the_reference(tmp_path):
     bench = load_script("bench")
-    cfg = bench.compose_config(text_run(tmp_path, "model.pos=rope", "optim=sgd"))
+    cfg = make_config(*text_run(tmp_path, "model.pos=rope", "optim=sgd"))
     reason = bench.reference_mismatch(cfg)
     assert "GPT-2-like" in reason and "adamw" in reason
-    assert bench.reference_mismatch(bench.compose_config(text_run(tmp_path))) is None
+    assert bench.reference_mismatch(make_config(*text_run(tmp_path))) is None

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import call_txtrain, make_config
-from txtrain.checkpoint import (Checkpoints, SaveFailed, find_checkpoint, load_meta, load_state, step_of,
-                                verify)
+from txtrain.checkpoint import Checkpoints, SaveFailed, find_checkpoint, load_state, step_of, verify
+from txtrain.resume import CheckpointMeta
 from txtrain.sample import main as sample
 from txtrain.stopping import INTERRUPTED_STATUS
 from txtrain.train import Trainer
@@ -74,13 +74,13 @@ def test_a_stale_latest_pointer_does_not_hide_a_newer_whole_checkpoint(tmp_path,
 def test_resuming_from_an_earlier_step_writes_the_later_checkpoints_anew(tmp_path, caplog):
     run = tmp_path / "run"
     train(run, "train.steps=6", "train.save_every=2")  # saves 2, 4, 6
-    first = load_meta(run / "checkpoints" / "step_000004")["last_loss"]
+    first = CheckpointMeta.load(run / "checkpoints" / "step_000004").last_loss
     with caplog.at_level(logging.INFO, logger="txtrain"):
         again = train(run, "train.steps=4", "train.save_every=2", "optim.lr=1e-2",
                       f"resume={run / 'checkpoints' / 'step_000002'}")
     step_4 = run / "checkpoints" / "step_000004"
     verify(step_4)
-    assert load_meta(step_4)["last_loss"] == again.last_loss != first  # this run's, not the first's
+    assert CheckpointMeta.load(step_4).last_loss == again.last_loss != first  # this run's, not the first's
     weights = again.model.state_dict()
     state = {"model": {name: torch.zeros_like(tensor) for name, tensor in weights.items()}}
     load_state(step_4, state)

@@ -2,6 +2,7 @@
 task alone still gets its tuned recipe, and the tree ships inside the installed package."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -89,8 +90,13 @@ def test_a_config_dir_of_the_users_own_adds_an_experiment(tmp_path):
 
 
 def test_a_built_wheel_carries_the_config_tree_and_composes_outside_the_repository(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ and egg-info next to the sources
+    for folder in ("txtrain", "configs"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / file, source / file)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "--quiet", "-w", str(tmp_path / "dist"), str(ROOT)],
+                            "--quiet", "-w", str(tmp_path / "dist"), str(source)],
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("txtrain-*.whl"))

@@ -3,9 +3,12 @@ import dataclasses
 import pytest
 import torch
 
+from torch import nn
+
 from txtrain.config import ModelConfig, Pos
-from txtrain.model import Transformer
+from txtrain.model import LanguageModel, Transformer, build_model, model_class
 from txtrain.model.attention import MultiHeadAttention, causal_mask
+from txtrain.parallel.stage import ModelSlice
 
 VOCAB = 17
 SCHEMES = ["learned", "sinusoidal", "rope", "none"]
@@ -136,3 +139,27 @@ def test_dropout_is_active_only_in_training():
 def test_impossible_model_values_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**bad)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "encoder_decoder"])
+def test_both_architectures_keep_the_model_contract(arch):
+    cfg = ModelConfig(arch=arch, n_layer=2, n_head=4, n_embd=32, vocab_multiple=8)
+    model = build_model(cfg, VOCAB)
+    assert isinstance(model, model_class(cfg)) and isinstance(model, LanguageModel)
+    assert model_class(cfg).needs_sources == (arch == "encoder_decoder")
+    assert isinstance(model.blocks, nn.ModuleDict) and model.cfg is cfg and model.vocab_size == VOCAB
+    assert model.token_embedding.num_embeddings == model.head.out_features == 24
+    assert isinstance(model.final_norm, nn.LayerNorm) and isinstance(model.dropout, nn.Dropout)
+    inputs = (tokens(), tokens(length=5)) if model_class(cfg).needs_sources else (tokens(),)
+    assert model(*inputs, last_only=True).shape == (3, VOCAB)
+
+
+def test_pipeline_slices_keep_the_model_names_and_chained_give_its_logits():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=3, n_head=4, n_embd=32, tie_embeddings=False), VOCAB).eval()
+    first = ModelSlice(model, ["0"], first=True, last=False)
+    last = ModelSlice(model, ["1", "2"], first=False, last=True)
+    assert [*first.state_dict(), *last.state_dict()] == list(model.state_dict())
+    assert first.token_embedding is model.token_embedding and last.head is model.head
+    x = tokens()
+    assert torch.equal(last(first(x)), model(x))

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import forked
 import txtrain
 from conftest import losses, make_config, run_txtrain
-from txtrain.checkpoint import Checkpoints, load_meta, load_model_weights
+from txtrain.checkpoint import Checkpoints, load_model_weights
 from txtrain.model import Transformer
+from txtrain.resume import CheckpointMeta
 
 STEPS = 30
 # 4 blocks, so that a pipeline has 2 per rank (or 1 per stage, interleaved); untied embeddings,
@@ -55,13 +57,23 @@ def torchrun(*args: str, nproc: int = 2, cwd: Path, torchrun_args=(), timeout: f
                           capture_output=True, text=True, timeout=timeout)
 
 
+def ranks(*args: str, nproc: int = 2, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``txtrain *args`` as ``nproc`` ranks meeting at a rendezvous address, as torchrun starts
+    them, but forked with torch already imported (forked.py; the launch tests below go through
+    torchrun itself). One outcome: the first failing rank's status, every rank's output."""
+    done = forked.run(args, cwd, dict(os.environ, PYTHONWARNINGS="ignore"), timeout, ranks=nproc)
+    status = next((rank.returncode for rank in done if rank.returncode), 0)
+    return subprocess.CompletedProcess(done[0].args, status, "".join(rank.stdout for rank in done),
+                                       "".join(rank.stderr for rank in done))
+
+
 def evaluations(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     checkpoint = Checkpoints(run_dir / "checkpoints").latest()
-    model = Transformer(make_config(*RUN).model, load_meta(checkpoint)["vocab_size"])
+    model = Transformer(make_config(*RUN).model, CheckpointMeta.load(checkpoint).vocab_size)
     load_model_weights(checkpoint, model)
     return model.state_dict()
 
@@ -90,8 +102,8 @@ def strategy_runs(tmp_path_factory):
         if name not in made:
             overrides, nproc, _ = STRATEGIES[name]
             run_dir = tmp_path_factory.mktemp(name) / "run"
-            result = torchrun(*overrides, *RUN, f"hydra.run.dir={run_dir}", nproc=nproc,
-                              cwd=run_dir.parent)
+            result = ranks(*overrides, *RUN, f"hydra.run.dir={run_dir}", nproc=nproc,
+                           cwd=run_dir.parent)
             assert result.returncode == 0, result.stderr[-3000:]
             made[name] = run_dir
         return made[name]
@@ -131,7 +143,7 @@ def test_a_checkpoint_resumes_under_another_layout(written_by, resumed_with, npr
     if nproc == 1:
         result = run_txtrain(*args, cwd=tmp_path)
     else:
-        result = torchrun(*args, nproc=nproc, cwd=tmp_path)
+        result = ranks(*args, nproc=nproc, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     tolerance = 1e-3 if "pipeline" in written_by else 1e-4
     assert_same_losses(run_dir, losses(reference), tolerance, range(16, STEPS + 1))
@@ -259,7 +271,7 @@ def test_a_text_pipeline_tokenizes_once_and_samples_what_one_process_samples(tmp
     one = run_txtrain(*text_run, f"task.cache_dir={tmp_path / 'cache1'}",
                       f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = torchrun("parallel=pipeline", "train.batch_size=16", *text_run,
+    two = ranks("parallel=pipeline", "train.batch_size=16", *text_run,
                    f"task.cache_dir={tmp_path / 'cache2'}", f"hydra.run.dir={tmp_path / 'two'}",
                    cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -22,7 +22,7 @@ import torch
 
 import forked
 from conftest import make_config
-from test_parallel import evaluations, torchrun
+from test_parallel import evaluations, ranks
 
 # Evaluation runs forwards alone, in the same order for gpipe and 1f1b (the command-line run
 # below trains with 1f1b, the default).
@@ -92,7 +92,7 @@ def test_pipeline_run_evaluates_and_samples_like_its_checkpoint_in_one_process(t
                  "train.save_every=4", "train.batch_size=8", "train.eval_batch_size=9", *MODEL,
                  "model.n_layer=2"]
     run_dir = tmp_path / "run"
-    result = torchrun("parallel=pipeline", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = ranks("parallel=pipeline", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     cfg = make_config(*overrides)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, run_txtrain
+from conftest import call_txtrain, make_config
+from nonfinite import nan_loss_at, nan_loss_in_every_trainer
 from txtrain.config import TrainingStopped
 from txtrain.train import Trainer
 
@@ -43,21 +44,20 @@ def test_fp16_skips_steps_whose_gradients_overflow_and_recovers(tmp_path):
 def test_fp16_stops_at_a_nonfinite_loss_as_fp32_does(tmp_path):
     """Loss scaling is for gradients that overflow; a non-finite loss from the forward pass
     follows the same policy in every precision (before: fp16 skipped them forever)."""
-    trainer = Trainer(make_config(*SMALL, "precision=fp16", "train.steps=12",
-                                  "debug.nonfinite_steps=[2,3,4,5,6,7,8,9,10,11]"), tmp_path / "stop")
+    fp16 = [*SMALL, "precision=fp16", "train.steps=12"]
+    trainer = nan_loss_at(Trainer(make_config(*fp16), tmp_path / "stop"), range(2, 12))
     with pytest.raises(TrainingStopped, match="step 2: the loss is nan"):
         trainer.fit()
-    trainer = Trainer(make_config(*SMALL, "precision=fp16", "train.steps=12", "train.skip_nonfinite=3",
-                                  "debug.nonfinite_steps=[2,3,4,5,6,7,8,9,10,11]"), tmp_path / "skip")
+    trainer = nan_loss_at(Trainer(make_config(*fp16, "train.skip_nonfinite=3"), tmp_path / "skip"), range(2, 12))
     with pytest.raises(TrainingStopped, match="4 steps in a row"):
         trainer.fit()
     assert trainer.step == 4
 
 
-def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = run_txtrain(*SMALL, "train.steps=20", "train.save_every=4", "debug.nonfinite_steps=[6]",
-                         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 1
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_loss_in_every_trainer(monkeypatch, [6])
+    result = call_txtrain(*SMALL, "train.steps=20", "train.save_every=4", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.status == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: step 6: the loss is nan")
     assert "step_000004" in lines[0] and "train.skip_nonfinite" in lines[0]
@@ -66,10 +66,10 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_skip_nonfinite_skips_and_stops_after_that_many_in_a_row(tmp_path):
     common = [*SMALL, "train.steps=12", "train.skip_nonfinite=2"]
-    trainer = Trainer(make_config(*common, "debug.nonfinite_steps=[3,4,8]"), tmp_path / "skips")
+    trainer = nan_loss_at(Trainer(make_config(*common), tmp_path / "skips"), [3, 4, 8])
     trainer.fit()  # two in a row are allowed
     assert records(tmp_path / "skips")[-1]["skipped_steps"] == 3
-    trainer = Trainer(make_config(*common, "debug.nonfinite_steps=[3,4,5]"), tmp_path / "stops")
+    trainer = nan_loss_at(Trainer(make_config(*common), tmp_path / "stops"), [3, 4, 5])
     with pytest.raises(TrainingStopped, match="3 steps in a row"):
         trainer.fit()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config, run_txtrain
+from conftest import call_txtrain, make_config
+from nonfinite import nan_loss_at
 from txtrain import train as train_module
 from txtrain.config import ScheduleConfig, ScheduleName, TrainingStopped
 from txtrain.optim import length_changes_past_lrs
@@ -56,9 +57,9 @@ def test_a_checkpoint_of_another_optimizer_gives_its_weights_only_with_a_warning
                        tmp_path / "momentum")
     assert any("holds no momentum_buffer" in line and "weights only" in line for line in momentum.resume_warnings)
 
-    done = run_txtrain(*SMALL, "train.steps=3", "optim=sgd", f"resume={tmp_path / 'adamw'}",
-                       f"hydra.run.dir={tmp_path / 'sgd'}", "progress=false", cwd=tmp_path, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = call_txtrain(*SMALL, "train.steps=3", "optim=sgd", f"resume={tmp_path / 'adamw'}",
+                        f"hydra.run.dir={tmp_path / 'sgd'}")
+    assert done.status == 0, done.stderr
     assert done.stdout.splitlines()[-1].startswith("done: step 3")
     log = (tmp_path / "sgd" / "txtrain.log").read_text()
     assert "warning: " in log and "weights only" in log and "resumed from" in log
@@ -101,12 +102,15 @@ def test_a_resume_under_more_processes_gives_every_rank_its_own_random_stream(tm
 
 # --- counters -----------------------------------------------------------------------------------
 def test_nonfinite_steps_in_a_row_are_counted_across_a_resume(tmp_path):
-    common = ["train.skip_nonfinite=1", "debug.nonfinite_steps=[3,4]"]
+    def train_with_nan_at_3_and_4(run_dir: Path, steps: int) -> None:
+        nan_loss_at(Trainer(make_config(*SMALL, f"train.steps={steps}", "train.skip_nonfinite=1"), run_dir),
+                    [3, 4]).fit()
+
     with pytest.raises(TrainingStopped, match=r"step 4: .*\(2 steps in a row\)"):
-        train(tmp_path / "straight", "train.steps=5", *common)
-    train(tmp_path / "resumed", "train.steps=3", *common)  # ends (and saves) on a skipped step
+        train_with_nan_at_3_and_4(tmp_path / "straight", 5)
+    train_with_nan_at_3_and_4(tmp_path / "resumed", 3)  # ends (and saves) on a skipped step
     with pytest.raises(TrainingStopped, match=r"step 4: .*\(2 steps in a row\)"):
-        train(tmp_path / "resumed", "train.steps=5", *common)
+        train_with_nan_at_3_and_4(tmp_path / "resumed", 5)
 
 
 # --- CUDA's random state, faked on a CPU --------------------------------------------------------

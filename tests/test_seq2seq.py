@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_config, run_txtrain
-from test_parallel import assert_same_losses, evaluations, losses, torchrun
+from test_parallel import assert_same_losses, evaluations, losses, ranks
 from txtrain.config import ConfigError
 from txtrain.model import build_model
 from txtrain.tasks.base import PAD
@@ -85,8 +85,8 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_strategy_reproduces_the_single_process_encoder_decoder(strategy, one_process, tmp_path):
     run_dir = tmp_path / "run"
-    result = torchrun(f"parallel={strategy}", "train.micro_batch_size=16", *SEQ2SEQ,
-                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = ranks(f"parallel={strategy}", "train.micro_batch_size=16", *SEQ2SEQ,
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_losses(run_dir, losses(one_process), 1e-4, range(1, 21))
     for got, expected in zip(evaluations(run_dir), evaluations(one_process)):

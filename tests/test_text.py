@@ -1,17 +1,16 @@
 """The text task: tokenizers, the token cache, windows and splits, learning, sampling, errors."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import forked
 from conftest import SHARED, make_config, run_txtrain
 from txtrain.config import ConfigError, CorpusConfig, TextTaskConfig
-from txtrain.generate import sample
+from txtrain.generate import draw_tokens
 from txtrain.tasks import token_cache
 from txtrain.tasks.corpus import find_corpus, file_sha256
 from txtrain.tasks.text import TextTask
@@ -158,21 +157,21 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
     next_logits = fixed_logits([3.0, 2.9, 2.8, 0.0, -1.0])
 
     def draw(seed, top_k):
-        return sample(next_logits, [0], 300, temperature=1.0, top_k=top_k,
-                      generator=torch.Generator().manual_seed(seed))
+        return draw_tokens(next_logits, [0], 300, temperature=1.0, top_k=top_k,
+                           generator=torch.Generator().manual_seed(seed))
 
     assert draw(1, None) == draw(1, None)
     assert draw(1, None) != draw(2, None)
     assert set(draw(1, 2)) == {0, 1}
     assert set(draw(1, None)) >= {0, 1, 2, 3}
-    assert sample(next_logits, [4], 5, temperature=0) == [0] * 5  # greedy
-    assert sample(next_logits, [4], 5, temperature=0, stop=0) == []
+    assert draw_tokens(next_logits, [4], 5, temperature=0) == [0] * 5  # greedy
+    assert draw_tokens(next_logits, [4], 5, temperature=0, stop=0) == []
 
 
 def test_sampling_sees_at_most_the_context():
     seen = []
-    sample(lambda inputs: seen.append(inputs.shape[1]) or torch.zeros(1, 3), [1] * 10, 4,
-           context=6, generator=torch.Generator().manual_seed(0))
+    draw_tokens(lambda inputs: seen.append(inputs.shape[1]) or torch.zeros(1, 3), [1] * 10, 4,
+                context=6, generator=torch.Generator().manual_seed(0))
     assert seen == [6, 6, 6, 6]
 
 
@@ -201,17 +200,16 @@ def test_text_training_lowers_the_validation_loss_and_writes_samples(text_run):
 
 
 def test_txtrain_sample_reproduces_the_run_samples(text_run):
-    command = [sys.executable, "-m", "txtrain.sample", str(text_run), "--prompt", "SOCRATES:",
-               "--max-new-tokens", "40", "--temperature", "0.8", "--top-k", "40", "--seed", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    args = [text_run, "--prompt", "SOCRATES:", "--max-new-tokens", "40", "--temperature", "0.8",
+            "--top-k", "40", "--seed", "0"]
+    result, = forked.run(args, text_run, command="txtrain-sample", timeout=120)
     assert result.returncode == 0, result.stderr
     last_sample = (text_run / "samples.txt").read_text().split("--- prompt 'SOCRATES:' ---\n")[-1]
     assert result.stdout == last_sample
 
 
 def test_txtrain_sample_refuses_what_the_tokenizer_cannot_read(text_run):
-    result = subprocess.run([sys.executable, "-m", "txtrain.sample", str(text_run), "--prompt", "Ω"],
-                            capture_output=True, text=True, timeout=120)
+    result, = forked.run([text_run, "--prompt", "Ω"], text_run, command="txtrain-sample", timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:")
 
 

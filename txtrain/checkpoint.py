@@ -3,13 +3,13 @@
 ``checkpoints/step_000500/`` holds ``state/``, the model and optimizer state written by
 ``torch.distributed.checkpoint`` (each rank writes the shards it owns; any layout can load
 them back into any other: fsdp over 2 processes into one, a pipeline into ddp, ...), and
-``meta.pt`` with the step, counters, RNG states and model config. A save is written to a hidden
-temporary folder and renamed into place. ``checkpoints/latest`` names the newest for people and
-other tools; txtrain itself goes by the step numbers in the names (a crash between a rename and
-the pointer's update would leave the pointer behind).
+``meta.pt`` with the step, counters, RNG states and model config (``resume.CheckpointMeta``).
+A save is written to a hidden temporary folder and renamed into place. ``checkpoints/latest``
+names the newest for people and other tools; txtrain itself goes by the step numbers in the
+names (a crash between a rename and the pointer's update would leave the pointer behind).
 
 ``manifest.json``, written last inside the folder, lists every file with its size and sha256,
-and the hash of the run's config (``compat.run_config``).
+and the hash of the run's config (``resume.run_config``).
 Loading verifies it: a truncated or altered checkpoint is named as damaged, and ``resume=auto``
 falls back to the newest one that is whole. ``train.keep_last=K`` deletes all but the newest K
 after each save (the one just written, which is whole, always stays).
@@ -96,11 +96,13 @@ class Checkpoints:
         self.keep_last = keep_last  # 0: keep every checkpoint
         self.last_written: Path | None = None  # by this process, at its step: no need to write it again
 
-    def save(self, step: int, state: dict, meta: dict, warn: Callable[[str], None] = lambda line: None) -> Path:
+    def save(self, step: int, state: dict, meta: dict, warn: Callable[[str], None] = lambda line: None,
+             config_hash: str | None = None) -> Path:
         """Write the checkpoint of ``step`` (replacing one of the same step from an earlier run,
-        safely). A failure on any rank is a ``SaveFailed`` on every rank, with the same message,
-        and leaves the earlier checkpoints as they were. After it is published, whatever goes
-        wrong tidying up (the pointer, deleting old checkpoints) only ``warn``s."""
+        safely): ``state``, ``meta`` as its meta.pt, and ``config_hash`` in its manifest. A
+        failure on any rank is a ``SaveFailed`` on every rank, with the same message, and leaves
+        the earlier checkpoints as they were. After it is published, whatever goes wrong tidying
+        up (the pointer, deleting old checkpoints) only ``warn``s."""
         final = self.directory / step_dir_name(step)
         if final == self.last_written:  # saved a moment ago (a stop request at a save step)
             return final
@@ -108,7 +110,7 @@ class Checkpoints:
         phases = [("preparing its folder", self.on_main(self.prepare, tmp)),
                   ("writing the model and optimizer state", lambda: write_state(tmp, state)),
                   (f"writing {META_FILE}", self.on_main(write_meta, tmp, meta)),
-                  (f"writing {MANIFEST}", self.on_main(write_manifest, tmp, step, meta.get("config_hash"))),
+                  (f"writing {MANIFEST}", self.on_main(write_manifest, tmp, step, config_hash)),
                   ("publishing it", self.on_main(self.publish, tmp, final))]
         try:
             for phase, action in phases:
@@ -360,12 +362,6 @@ def describe_verdict(verdict: tuple) -> str:
 
 def read_meta(path: Path) -> dict:
     return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
-
-
-def load_meta(path: Path) -> dict:
-    """The checkpoint's meta. Under several processes every rank calls it, and one that cannot
-    read it stops them all (``LoadFailed``)."""
-    return agreed_load(path, f"reading {META_FILE}", lambda: read_meta(path))
 
 
 def load_state(path: Path, state: dict) -> None:

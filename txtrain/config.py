@@ -76,17 +76,6 @@ class SyntheticKind(Choice):
     fibonacci = "fibonacci"
 
 
-class Strategy(Choice):
-    none = "none"
-    dp = "dp"
-    ddp = "ddp"
-    fsdp = "fsdp"
-    pipeline = "pipeline"
-
-
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")  # a str, not an enum: "1f1b" is no name
-
-
 class Logger(Choice):
     jsonl = "jsonl"
     tensorboard = "tensorboard"
@@ -229,30 +218,6 @@ class TextTaskConfig(TaskConfig):
 
 
 @dataclass
-class ParallelConfig:
-    name: Strategy = Strategy.none
-    # fsdp
-    reshard_after_forward: bool = True  # false: keep parameters gathered from forward to backward
-    replicate: int = 1  # > 1: hybrid sharding, replicate over this many groups, shard within each
-    # pipeline
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved (1F1B over several stages per rank)
-    n_microbatches: int = 4  # per rank and step; the per-rank batch must divide evenly
-    stages_per_rank: int = 1  # interleaved only: model chunks per rank (2 or more)
-
-    def __post_init__(self):
-        require_positive("parallel", replicate=self.replicate, n_microbatches=self.n_microbatches,
-                         stages_per_rank=self.stages_per_rank)
-        require(self.schedule in PIPELINE_SCHEDULES, f"parallel.schedule={self.schedule} is not "
-                f"one of {', '.join(PIPELINE_SCHEDULES)}")
-        if self.schedule == "interleaved":
-            require(self.stages_per_rank >= 2, "parallel.schedule=interleaved needs "
-                    f"parallel.stages_per_rank >= 2, got {self.stages_per_rank}")
-        else:
-            require(self.stages_per_rank == 1, f"parallel.stages_per_rank={self.stages_per_rank} "
-                    "needs parallel.schedule=interleaved")
-
-
-@dataclass
 class LaunchConfig:
     """``launch.nproc_per_node=N`` makes txtrain start itself under torch's elastic launcher
     (what ``torchrun --standalone --nproc-per-node=N`` does), one process per device."""
@@ -337,7 +302,6 @@ class TrainConfig:
 @dataclass
 class DebugConfig:
     overfit_batch: bool = False  # train on one fixed batch: the loss must go to ~0
-    nonfinite_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN (tests)
 
 
 @dataclass
@@ -360,7 +324,7 @@ class PlanConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = MISSING
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: Any = MISSING  # one strategy's settings (txtrain/parallel/specs.py)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -377,13 +341,8 @@ class Config:
     logger: Logger = Logger.jsonl  # tensorboard: also TensorBoard event files (JSONL stays on)
 
     def __post_init__(self) -> None:  # checks across groups
+        self.parallel.check_run(self)
         seq2seq = self.model.arch == Arch.encoder_decoder
-        require(not (seq2seq and self.parallel.name == Strategy.pipeline),
-                "parallel=pipeline splits model.arch=gpt only; train the encoder-decoder with "
-                "parallel=none, dp, ddp or fsdp")
-        require(not (self.parallel.name == Strategy.pipeline and self.model.tie_embeddings),
-                "parallel=pipeline cannot tie the input and output embeddings (they live on the "
-                "first and last stage); set model.tie_embeddings=false")
         require(not (seq2seq and isinstance(self.task, TextTaskConfig)),
                 "model.arch=encoder_decoder needs a source and a target: train it on copy, "
                 "reverse or fibonacci; the text task is for model.arch=gpt")
@@ -394,3 +353,9 @@ def register_configs() -> None:
     store.store(name="txtrain_schema", node=Config)
     store.store(group="schema/task", name="synthetic", node=SyntheticTaskConfig)
     store.store(group="schema/task", name="text", node=TextTaskConfig)
+    # Each strategy's schema, under its own name, with that name set; imported here because
+    # the strategies' settings check themselves with require() from this module.
+    from txtrain.parallel.specs import STRATEGIES
+
+    for name, spec in STRATEGIES.items():
+        store.store(group="schema/parallel", name=name, node=spec.settings(name=name))

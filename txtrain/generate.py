@@ -40,10 +40,10 @@ NextLogits = Callable[[torch.Tensor], torch.Tensor]  # inputs (1, T) -> next-tok
 
 
 @torch.no_grad()
-def sample(next_logits: NextLogits, prompt: list[int], max_new_tokens: int,
-           temperature: float = 1.0, top_k: int | None = None,
-           generator: torch.Generator | None = None, context: int | None = None,
-           stop: int | None = None) -> list[int]:
+def draw_tokens(next_logits: NextLogits, prompt: list[int], max_new_tokens: int,
+                temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None, context: int | None = None,
+                stop: int | None = None) -> list[int]:
     """Continue ``prompt`` one token at a time: softmax(logits / temperature) over the ``top_k``
     likeliest tokens (temperature 0: the likeliest). The model sees at most the last ``context``
     tokens. Stops early at ``stop``, which is not returned. The draw happens on the CPU with
@@ -76,6 +76,6 @@ def complete(next_logits: NextLogits, codec, prompt: str, sampling, seed: int,
     """``prompt`` and its continuation as text, drawn with its own generator (seeded from
     ``seed``), so sampling never moves the training's random streams."""
     generator = torch.Generator().manual_seed(seed)
-    new = sample(next_logits, codec.encode(prompt), sampling.max_new_tokens, sampling.temperature,
-                 sampling.top_k, generator, context, stop=codec.end_of_text)
+    new = draw_tokens(next_logits, codec.encode(prompt), sampling.max_new_tokens, sampling.temperature,
+                      sampling.top_k, generator, context, stop=codec.end_of_text)
     return codec.decode(new)

@@ -81,6 +81,11 @@ class PeakMemory:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
+        """Leave what runs inside (an evaluation, a save) out of the peak. Training steps need
+        no pause between them: the peak from one pause to the next is theirs."""
+        # On a CPU the reset writes /proc/self/clear_refs, which takes the address space's lock
+        # for writing (about 0.2 ms, even at 2 GiB resident and 64 threads): cheap, but a step
+        # should not wait on a lock that its own allocations need.
         self.peak = max(self.peak, self.high_water())
         yield
         self.reset()

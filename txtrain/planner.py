@@ -1,10 +1,11 @@
 """The memory planner: what each rank will hold while training, from the config alone.
 
 Parameters, gradients and optimizer state are exact. The model is built on the meta device
-(shapes, no storage, so even gpt2-xl costs nothing) and each parameter is placed the way the
-strategy places it: whole on every rank (none, dp, ddp), cut into dim-0 chunks
-(``torch.chunk`` over the shard group, as FSDP2 does), or kept by the rank whose pipeline
-stage owns it.
+(shapes, no storage, so even gpt2-xl costs nothing) and each parameter is placed where the
+strategy's placement (``txtrain.parallel.specs``) says: whole on every rank, cut into shards,
+or kept by the rank whose pipeline stage owns it. The placement also says how the batch splits
+into micro-batches, how many of them a rank holds at once, and what buffers of its own it keeps;
+this module knows no strategy by name.
 
 Activations are an estimate for one micro-batch at the task's longest sequence, from what each
 layer saves for backward (counted by hooking ``saved_tensors_hooks``, see the tests):
@@ -41,7 +42,7 @@ from torch import nn
 
 from txtrain.config import Config, ConfigError, ModelConfig
 from txtrain.optim import optimizer_state_bytes
-from txtrain.parallel.base import data_parallel_micro_batch, pipeline_micro_batch
+from txtrain.parallel.specs import ParallelConfig, Placement, sharding_strategy
 
 GiB = 2**30
 FP32 = 4
@@ -55,7 +56,7 @@ class RankPlan:
     params: int
     grads: int
     optimizer: int
-    buffers: int  # gathered FSDP units, DDP's gradient buckets, autocast's low-precision weights
+    buffers: int  # gathered parameters, gradient buckets, autocast's low-precision weights
     activations: int  # saved for backward: one micro-batch (with the configured checkpointing)
     activations_without_checkpointing: int
     activations_with_checkpointing: int
@@ -79,7 +80,8 @@ class Layout:
 def plan_memory(cfg: Config, layout: Layout) -> list[RankPlan]:
     """A plan for every rank (they differ under uneven shards and pipeline stages)."""
     model = meta_model(cfg.model, layout.vocab_size)
-    return [plan_rank(cfg, layout, model, rank) for rank in range(layout.world_size)]
+    placement = cfg.parallel.placement(layout.world_size)
+    return [plan_rank(cfg, layout, placement, model, rank) for rank in range(layout.world_size)]
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -106,103 +108,46 @@ def skip_initializers() -> Iterator[None]:
             setattr(nn.init, name, function)
 
 
-def plan_rank(cfg: Config, layout: Layout, model: nn.Module, rank: int) -> RankPlan:
-    strategy = str(cfg.parallel.name)
-    world = layout.world_size
+def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: nn.Module,
+              rank: int) -> RankPlan:
+    blocks = placement.blocks(rank, list(model.blocks))
     params = dict(model.named_parameters())  # a tied embedding appears once
-    local = {name: local_numel(name, p, strategy, cfg, world, rank) for name, p in params.items()
-             if strategy != "pipeline" or owned_by(name, cfg, world, rank)}
+    local = {name: placement.numel_held(p.shape, rank) for name, p in params.items()
+             if holds(placement, rank, blocks, name)}
     param_bytes = sum(n * params[name].element_size() for name, n in local.items())
     trainable = {name: n for name, n in local.items() if params[name].requires_grad}
     grad_bytes = sum(n * params[name].element_size() for name, n in trainable.items())
     optimizer = optimizer_state_bytes(cfg.optim, [n * FP32 for n in trainable.values()])
 
-    blocks = rank_blocks(cfg, world, rank) if strategy == "pipeline" else list(model.blocks)
-    has_head = strategy != "pipeline" or rank == last_pipeline_rank(cfg, world)
-    micro, in_flight = micro_batch(cfg, world), micro_batches_in_flight(cfg, world, rank)
+    has_head = placement.holds_head(rank)
+    micro = placement.planned_micro_batch(cfg.train.batch_size, cfg.train.micro_batch_size)
+    in_flight = placement.micro_batches_in_flight(rank)
     act_bytes = 4 if str(cfg.precision.name) == "fp32" else 2
     shape = Activations(cfg.model, micro, layout.seq_len, act_bytes, layout.device_type)
     without_ckpt = in_flight * shape.blocks(len(blocks), checkpointing=False)
     with_ckpt = in_flight * shape.blocks(len(blocks), checkpointing=True)
     activations = with_ckpt if cfg.model.activation_checkpointing else without_ckpt
     loss = in_flight * shape.head(layout.vocab_size) if has_head else 0
-    buffers = buffer_bytes(cfg, model, blocks, has_head, world, grad_bytes)
+    buffers = buffer_bytes(cfg, placement, model, blocks, has_head, grad_bytes)
 
-    accumulates = strategy == "pipeline" or accumulation(cfg, world) > 1
+    accumulates = placement.accumulates(cfg.train.batch_size, micro)
     forward_backward = activations + loss + buffers + (grad_bytes if accumulates else 0)
-    # The update: gradients, DDP's buckets, and Adam's per-tensor temporaries (on a CPU it
-    # updates one tensor at a time; on CUDA the fused kernel needs none).
+    # The update: gradients, the buffers they are reduced through, and Adam's per-tensor
+    # temporaries (on a CPU it updates one tensor at a time; on CUDA the fused kernel needs none).
     largest = max((n * FP32 for n in trainable.values()), default=0)
-    update = grad_bytes + (grad_bytes if strategy == "ddp" else 0) + 2 * largest
+    update = grad_bytes + placement.gradient_buffer_bytes(grad_bytes) + 2 * largest
     return RankPlan(rank, param_bytes, grad_bytes, optimizer, buffers, activations, without_ckpt,
                     with_ckpt, loss, param_bytes + optimizer + max(forward_backward, update))
 
 
-# --- where parameters live ----------------------------------------------------------------------
-def local_numel(name: str, param: nn.Parameter, strategy: str, cfg: Config, world: int,
-                rank: int) -> int:
-    if strategy == "fsdp":
-        group = world // cfg.parallel.replicate
-        return shard_numel(param.shape, group, rank % group)
-    return param.numel()  # whole: on every rank, or on the pipeline stage that owns it
-
-
-def shard_numel(shape: torch.Size, group: int, index: int) -> int:
-    """FSDP2's shard of a parameter: chunk ``index`` of ``torch.chunk(param, group, dim=0)``
-    (chunks of ceil(rows / group) rows; the last ones shorter or empty)."""
-    rows = shape[0] if len(shape) else 1
-    per_row = shape[1:].numel() if len(shape) else 1
-    chunk = -(-rows // group)
-    return max(0, min(chunk, rows - index * chunk)) * per_row
-
-
-def owned_by(name: str, cfg: Config, world: int, rank: int) -> bool:
+def holds(placement: Placement, rank: int, blocks: list[str], name: str) -> bool:
+    """Whether ``rank``, which runs ``blocks``, holds parameter ``name``: by the part of the
+    model the name says it belongs to."""
     if name.startswith("blocks."):
-        return name.split(".")[1] in rank_blocks(cfg, world, rank)
+        return name.split(".")[1] in blocks
     if name.startswith(("token_embedding.", "positions.")):
-        return rank == 0
-    return rank == last_pipeline_rank(cfg, world)  # final norm, head
-
-
-def rank_blocks(cfg: Config, world: int, rank: int) -> list[str]:
-    from txtrain.parallel.pipeline import split_evenly
-
-    n_stages = world * cfg.parallel.stages_per_rank
-    stages = split_evenly([str(i) for i in range(cfg.model.n_layer)], n_stages)
-    return [name for stage in range(rank, n_stages, world) for name in stages[stage]]
-
-
-def last_pipeline_rank(cfg: Config, world: int) -> int:
-    return (world * cfg.parallel.stages_per_rank - 1) % world
-
-
-# --- batch shape ----------------------------------------------------------------------------
-def data_parallel_size(cfg: Config, world: int) -> int:
-    return 1 if str(cfg.parallel.name) in ("none", "dp", "pipeline") else world
-
-
-def micro_batch(cfg: Config, world: int) -> int:
-    """Sequences per forward pass on one rank (one pipeline micro-batch under pipeline)."""
-    if str(cfg.parallel.name) == "pipeline":
-        return max(1, cfg.train.batch_size // cfg.parallel.n_microbatches)
-    local = max(1, cfg.train.batch_size // data_parallel_size(cfg, world))
-    return min(local, cfg.train.micro_batch_size or local)
-
-
-def accumulation(cfg: Config, world: int) -> int:
-    local = max(1, cfg.train.batch_size // data_parallel_size(cfg, world))
-    return max(1, local // micro_batch(cfg, world))
-
-
-def micro_batches_in_flight(cfg: Config, world: int, rank: int) -> int:
-    """Micro-batches whose activations a rank holds at once: one, except in a pipeline, where
-    GPipe runs every forward before any backward and 1F1B keeps up to one per later stage."""
-    if str(cfg.parallel.name) != "pipeline":
-        return 1
-    n_micro = cfg.parallel.n_microbatches
-    if cfg.parallel.schedule == "gpipe":
-        return n_micro
-    return min(n_micro, world * cfg.parallel.stages_per_rank - rank)
+        return placement.holds_embeddings(rank)
+    return placement.holds_head(rank)  # the final norm and the head
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -266,19 +211,16 @@ class Activations:
 
 
 # --- buffers ------------------------------------------------------------------------------------
-def buffer_bytes(cfg: Config, model: nn.Module, blocks: list[str], has_head: bool, world: int,
-                 grad_bytes: int) -> int:
+def buffer_bytes(cfg: Config, placement: Placement, model: nn.Module, blocks: list[str],
+                 has_head: bool, grad_bytes: int) -> int:
     """Memory that is neither a parameter shard nor an activation but lives through the step."""
-    strategy = str(cfg.parallel.name)
     compute = 4 if str(cfg.precision.name) == "fp32" else 2
     block_numel = max((numel(model.blocks[b]) for b in model.blocks), default=0)
-    if strategy == "fsdp":
-        # The root (embeddings, final norm, head) stays gathered from forward to backward; a
-        # block is gathered while it runs, the next one already being fetched; in backward a
-        # block's full gradients exist, and a flat copy of them to reduce-scatter.
-        root = numel(model) - sum(numel(model.blocks[b]) for b in model.blocks)
-        return compute * (root + 2 * block_numel) + FP32 * (root + 2 * block_numel)
-    buffers = grad_bytes if strategy == "ddp" else 0  # DDP reduces gradients through buckets
+    root = numel(model) - sum(numel(model.blocks[b]) for b in model.blocks)
+    gathered = placement.gathered_bytes(root, block_numel, compute)
+    if gathered is not None:
+        return gathered
+    buffers = placement.gradient_buffer_bytes(grad_bytes)
     if compute < 4:  # autocast keeps a low-precision copy of every matrix it multiplies
         matrices = block_numel * (1 if cfg.model.activation_checkpointing else len(blocks))
         if has_head:
@@ -294,8 +236,8 @@ def numel(module: nn.Module) -> int:
 # --- what fits ----------------------------------------------------------------------------------
 def what_fits(cfg: Config, layout: Layout, budget: int, limit: int = 3) -> list[tuple[str, int]]:
     """Up to ``limit`` changes (as overrides) that bring the busiest rank under ``budget``
-    bytes, the least intrusive first: checkpointing, bf16, then FSDP over more ranks, then
-    smaller micro-batches."""
+    bytes, the least intrusive first: checkpointing, bf16, then sharding the parameters over
+    more ranks, then smaller micro-batches."""
     found = []
     for overrides, candidate, world in candidates(cfg, layout.world_size):
         peak = max(p.peak for p in plan_memory(candidate, dataclasses.replace(layout, world_size=world)))
@@ -308,21 +250,24 @@ def what_fits(cfg: Config, layout: Layout, budget: int, limit: int = 3) -> list[
 
 def candidates(cfg: Config, world: int):
     """(overrides, config, world size) to try, the least intrusive first."""
+    sharded = sharding_strategy()
     more_ranks = [n for n in (2, 4, 8, 16, 32, 64, 128, 256)
-                  if n > world or (n == world and str(cfg.parallel.name) != "fsdp")]
+                  if n > world or (n == world and cfg.parallel.name != sharded.name)]
     options = [dict(ckpt=True), dict(bf16=True), dict(bf16=True, ckpt=True)]
     options += [dict(ranks=n, bf16=True, ckpt=True) for n in more_ranks]
     options += [dict(ranks=n, bf16=True, ckpt=True, micro=m) for n in (8, 64, 256) for m in (8, 4, 2, 1)]
     for option in options:
-        yield variant(cfg, world, **option)
+        yield variant(cfg, world, sharded, **option)
 
 
-def variant(cfg: Config, world: int, ranks: int | None = None, bf16: bool = False,
-            ckpt: bool = False, micro: int | None = None) -> tuple[str, Config, int]:
+def variant(cfg: Config, world: int, sharded: ParallelConfig, ranks: int | None = None,
+            bf16: bool = False, ckpt: bool = False,
+            micro: int | None = None) -> tuple[str, Config, int]:
+    """``sharded``: the settings of the strategy that shards the parameters over ``ranks``."""
     overrides, changes = [], {}
     if ranks:
-        overrides.append(f"parallel=fsdp (x{ranks} ranks)")
-        changes["parallel"] = dataclasses.replace(cfg.parallel, name="fsdp", replicate=1)
+        overrides.append(f"parallel={sharded.name} (x{ranks} ranks)")
+        changes["parallel"] = sharded
         world = ranks
     if bf16:
         overrides.append("precision=bf16")
@@ -344,14 +289,15 @@ def busiest(plans: list[RankPlan]) -> RankPlan:
 def describe(cfg: Config, layout: Layout, plans: list[RankPlan]) -> list[str]:
     """The plan as lines for the log: the busiest rank's parts and its estimated peak."""
     top = busiest(plans)
+    micro = cfg.parallel.placement(layout.world_size).planned_micro_batch(
+        cfg.train.batch_size, cfg.train.micro_batch_size)
     ckpt = "on" if cfg.model.activation_checkpointing else "off"
     other = (top.activations_without_checkpointing if cfg.model.activation_checkpointing
              else top.activations_with_checkpointing)
     rank = f" (rank {top.rank}, the busiest)" if len(plans) > 1 else ""
     return [
         f"memory plan per rank{rank}: {cfg.parallel.name} x{layout.world_size}, "
-        f"{cfg.precision.name}, checkpointing {ckpt}, micro-batch {micro_batch(cfg, layout.world_size)}"
-        f" x {layout.seq_len} tokens",
+        f"{cfg.precision.name}, checkpointing {ckpt}, micro-batch {micro} x {layout.seq_len} tokens",
         f"  parameters {gib(top.params)}, gradients {gib(top.grads)}, optimizer state "
         f"{gib(top.optimizer)}, buffers {gib(top.buffers)}",
         f"  activations {gib(top.activations)} (checkpointing {'off' if ckpt == 'on' else 'on'}: "
@@ -378,21 +324,15 @@ def gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB"
 
 
-def check_world_size(cfg: Config, world: int) -> None:
-    strategy = str(cfg.parallel.name)
-    if strategy == "pipeline" and world < 2:
-        raise ConfigError("parallel=pipeline needs 2 or more ranks: set plan.world_size")
-    if strategy == "pipeline" and cfg.model.n_layer < world * cfg.parallel.stages_per_rank:
-        raise ConfigError(f"parallel=pipeline needs at least one block per stage: "
-                          f"model.n_layer={cfg.model.n_layer} < {world * cfg.parallel.stages_per_rank} stages")
-    if strategy == "fsdp" and world % cfg.parallel.replicate:
-        raise ConfigError(f"parallel.replicate={cfg.parallel.replicate} does not divide "
-                          f"plan.world_size={world}")
-    if strategy == "pipeline":
-        pipeline_micro_batch(cfg.train.batch_size, cfg.train.micro_batch_size, cfg.parallel.n_microbatches)
-    else:
-        data_parallel_micro_batch(cfg.train.batch_size, cfg.train.micro_batch_size,
-                                  world if strategy in ("ddp", "fsdp") else 1)
+def check_world_size(cfg: Config, placement: Placement) -> None:
+    """What the run would refuse once started, refused from the config alone."""
+    world = placement.world_size
+    if world < placement.min_ranks:
+        raise ConfigError(f"parallel={cfg.parallel.name} needs {placement.min_ranks} or more ranks: "
+                          "set plan.world_size")
+    placement.check_ranks(f"plan.world_size={world}")
+    placement.check_blocks(cfg.model.n_layer)
+    placement.micro_batch_size(cfg.train.batch_size, cfg.train.micro_batch_size)
 
 
 def report(cfg: Config, layout: Layout, plans: list[RankPlan],
@@ -405,14 +345,15 @@ def report(cfg: Config, layout: Layout, plans: list[RankPlan],
 
 def plan_only(cfg: Config) -> list[str]:
     """``plan=true``: the report for the configured run, without building anything real."""
+    from txtrain.model import model_class
     from txtrain.parallel.base import pick_device
     from txtrain.tasks import build_task
 
-    single = str(cfg.parallel.name) in ("none", "dp")
-    world = 1 if single else (cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", 0))
-                              or cfg.launch.nproc_per_node)
-    check_world_size(cfg, world)
-    task = build_task(cfg.task, cfg.seed, cfg.progress, cfg.model.arch == "encoder_decoder")
+    world = 1
+    if cfg.parallel.multi_process:
+        world = cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.launch.nproc_per_node
+    check_world_size(cfg, cfg.parallel.placement(world))
+    task = build_task(cfg.task, cfg.seed, cfg.progress, model_class(cfg.model).needs_sources)
     device = pick_device(cfg.device)
     layout = Layout(world, task.vocab_size, task.max_seq_len, device.type)
     return report(cfg, layout, plan_memory(cfg, layout),

@@ -42,17 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(path: Path, device: torch.device):
     """The model and the task's codec of the checkpoint at (or under) ``path``."""
-    from txtrain.checkpoint import find_checkpoint, load_meta, load_model_weights
-    from txtrain.model import Transformer
+    from txtrain.checkpoint import find_checkpoint, load_model_weights
+    from txtrain.model import model_class
+    from txtrain.resume import CheckpointMeta
 
     if not path.exists():
         raise ConfigError(f"{path}: no such run dir or checkpoint")
     checkpoint = find_checkpoint(str(path), Path("."), named=str(path))
-    meta = load_meta(checkpoint)
-    if meta["model_config"].get("arch", "gpt") != "gpt":
-        raise ConfigError(f"{checkpoint} holds an encoder-decoder; txtrain-sample continues "
-                          "prompts with a GPT (model.arch=gpt)")
-    model = Transformer(ModelConfig(**meta["model_config"]), meta["vocab_size"])
+    meta = CheckpointMeta.load(checkpoint)
+    model_config = ModelConfig(**meta.model_config)
+    if model_class(model_config).needs_sources:
+        raise ConfigError(f"{checkpoint} holds model.arch={model_config.arch}, which also reads a "
+                          "source; txtrain-sample continues prompts with a GPT (model.arch=gpt)")
+    model = model_class(model_config)(model_config, meta.vocab_size)
     load_model_weights(checkpoint, model)
     return model.to(device).eval(), meta, checkpoint
 
@@ -72,13 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = pick_device(args.device)
         model, meta, checkpoint = load_model(Path(args.checkpoint), device)
-        codec = codec_from_checkpoint(meta, args.tokenizer_file)
+        codec = codec_from_checkpoint(meta.as_dict(), args.tokenizer_file)
         context = model.cfg.max_seq_len
         check_prompt_fits(len(codec.encode(args.prompt)), context)  # before any work
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"# {checkpoint} (step {meta['step']})", file=sys.stderr)
+    print(f"# {checkpoint} (step {meta.step})", file=sys.stderr)
     sampling = Sampling([args.prompt], args.max_new_tokens, args.temperature, args.top_k or None)
 
     def next_logits(inputs: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for i in range(args.num_samples):
             text = complete(next_logits, codec, args.prompt, sampling, args.seed + i, context)
-            separator = " -> " if meta["codec"]["kind"] == "synthetic" else ""
+            separator = " -> " if meta.codec["kind"] == "synthetic" else ""
             print(f"{args.prompt}{separator}{text}", flush=True)
             if i + 1 < args.num_samples:
                 print("---")

@@ -9,11 +9,8 @@ either.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -22,18 +19,18 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from txtrain.allocator import keep_freed_memory
-from txtrain.checkpoint import (Checkpoints, SaveFailed, find_checkpoint_everywhere, load_meta, load_state,
-                                load_state_keys)
-from txtrain.compat import check_same_model, check_same_run, config_hash, plain, run_config
+from txtrain.checkpoint import Checkpoints, SaveFailed
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
-from txtrain.model import build_model
+from txtrain.model import build_model, model_class
 from txtrain import planner
 from txtrain.memory import PeakMemory, held_bytes
-from txtrain.optim import build_optimizer, length_changes_past_lrs, lr_factor, per_parameter_state, set_lr
+from txtrain.optim import build_optimizer, lr_factor, set_lr
 from txtrain.parallel import build_strategy
 from txtrain.precision import Precision
+from txtrain.resume import (CheckpointMeta, config_hash, find_resume_point, finished_result,
+                            load_model_and_optimizer, plain, run_config, schedule_change)
 from txtrain.rng import capture_rng, restore_rank_rng
 from txtrain.runinfo import process_age, run_identity
 from txtrain.stopping import Interrupted, StopRequests
@@ -44,7 +41,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress, cfg.model.arch == "encoder_decoder")
+        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress, model_class(cfg.model).needs_sources)
         check_model_fits_task(cfg.model, self.task)
         self.strategy = build_strategy(cfg, self.task.max_seq_len)
         self.device = self.strategy.device
@@ -84,7 +81,7 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         train = self.cfg.train
-        if (finished := self.finished_result()) is not None:
+        if (finished := finished_result(self.run_dir, self.strategy, self.step, train.steps)) is not None:
             return finished
         log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps,
                      tensorboard=self.cfg.logger == "tensorboard")
@@ -114,7 +111,7 @@ class Trainer:
                 if self.step == self.first_step + 1:
                     self.after_first_step(log, speed)
 
-                with self.peak_memory.paused(), speed.paused():  # evaluation and saving are not training
+                with speed.paused():  # evaluation and saving are not training
                     if stop.agreed(self.device):  # first: a launcher's grace period is short
                         self.stop_here(log, stop.received)
                     if is_due(self.step, train.eval_every, train.steps):
@@ -130,24 +127,6 @@ class Trainer:
                    "tokens_per_s": (self.tokens - tokens_at_start) / seconds}
         self.finish(log, summary)
         return summary
-
-    def finished_result(self) -> dict | None:
-        """The recorded result of a run that has already reached train.steps (the same command
-        run again): nothing is trained, and its run.json stays as it is. None otherwise."""
-        if self.step < self.cfg.train.steps:
-            return None
-        result = None
-        if self.strategy.is_main:
-            try:
-                result = json.loads((self.run_dir / "run.json").read_text()).get("result")
-            except (OSError, ValueError):
-                pass  # no record of its end (it stopped after its last save): evaluate again
-        result = self.strategy.gather(result)[0]  # every rank takes the same path
-        if result is not None and self.strategy.is_main:
-            logging.getLogger("txtrain").info(
-                f"nothing to train: the run is at step {self.step} and train.steps="
-                f"{self.cfg.train.steps}; raise train.steps to continue it")
-        return result
 
     def stop_here(self, log: RunLog, signal_name: str) -> None:
         """Asked to stop: save this step and leave (``Interrupted``)."""
@@ -173,12 +152,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         n_targets = batch.n_targets  # every rank knows the global count: losses are sums / it
         smoothing = self.cfg.train.label_smoothing
-        poison = float("nan") if self.step + 1 in self.cfg.debug.nonfinite_steps else 1.0
 
         def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return poison * F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                            ignore_index=IGNORE_INDEX, reduction="sum",
-                                            label_smoothing=smoothing) / n_targets
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum", label_smoothing=smoothing) / n_targets
 
         micro_batches = self.strategy.local_batch(batch).split(self.micro_batch_size)
         loss = self.strategy.forward_backward(self.model, micro_batches, loss_fn, self.precision)
@@ -226,7 +203,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, log: RunLog) -> dict:
         self.model.eval()
-        with self.precision.autocast():
+        with self.peak_memory.paused(), self.precision.autocast():  # not a training step's memory
             results = self.strategy.evaluate(
                 self.model, lambda forward: self.task.evaluate(forward, self.cfg.train.eval_batch_size))
             samples = self.generate_samples()
@@ -254,123 +231,41 @@ class Trainer:
             log.info(f"warning: {line}")
 
         try:
-            return self.write_checkpoint(warn)
+            with self.peak_memory.paused():  # not a training step's memory
+                return self.write_checkpoint(warn)
         except SaveFailed as failure:
             warn(str(failure))
             return None
 
     def write_checkpoint(self, warn=lambda line: None) -> Path:
-        meta = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "rng": self.strategy.gather(capture_rng(self.device)),  # one per rank
-            "last_loss": self.last_loss,
-            "last_eval": self.last_eval,
-            "skipped_steps": self.skipped_steps,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "schedule_steps": self.cfg.train.steps,  # the length the learning rates were planned for
-            "precision": self.precision.state_dict(),
-            "model_config": plain(self.cfg.model),
-            "run_config": self.run_config,
-            "config_hash": config_hash(self.run_config),
-            "vocab_size": self.task.vocab_size,
-            "codec": self.task.codec.state(),  # sampling needs no data, only the checkpoint
-        }
-        return self.checkpoints.save(self.step, self.strategy.state_dict(self.model, self.optimizer), meta, warn)
+        meta = CheckpointMeta(
+            step=self.step, tokens=self.tokens,
+            rng=self.strategy.gather(capture_rng(self.device)),  # one per rank
+            last_loss=self.last_loss, last_eval=self.last_eval, skipped_steps=self.skipped_steps,
+            nonfinite_in_a_row=self.nonfinite_in_a_row, schedule_steps=self.cfg.train.steps,
+            precision=self.precision.state_dict(), model_config=plain(self.cfg.model),
+            run_config=self.run_config, config_hash=config_hash(self.run_config),
+            vocab_size=self.task.vocab_size, codec=self.task.codec.state())
+        state = self.strategy.state_dict(self.model, self.optimizer)
+        return self.checkpoints.save(self.step, state, meta.as_dict(), warn, meta.config_hash)
 
     def resume(self) -> Path | None:
-        if self.cfg.resume == "never":
-            self.start_over()
-        path = find_checkpoint_everywhere(self.cfg.resume, self.run_dir, self.resume_warnings.append,
-                                          self.strategy.gather)
-        if path is None:
+        """Continue from the checkpoint that cfg.resume finds, if any: its weights, optimizer
+        state, counters and each rank's random stream (``txtrain.resume``)."""
+        found = find_resume_point(self.cfg, self.run_dir, self.checkpoints, self.strategy,
+                                  self.task.vocab_size, self.resume_warnings.append)
+        if found is None:
             return None
-        meta = load_meta(path)
-        check_same_model(meta, plain(self.cfg.model), self.task.vocab_size, path)
-        self.resume_warnings += check_same_run(meta, self.run_config, path, explicit=self.cfg.resume != "auto")
-        self.load_checkpoint(path, meta)
+        path, meta = found
+        self.optimizer = load_model_and_optimizer(path, meta, self.cfg, self.strategy, self.model,
+                                                  self.optimizer, self.resume_warnings.append)
+        self.step, self.tokens, self.last_loss = meta.step, meta.tokens, meta.last_loss
+        self.last_eval, self.skipped_steps, self.nonfinite_in_a_row = (meta.last_eval, meta.skipped_steps,
+                                                                       meta.nonfinite_in_a_row)
+        self.precision.load_state_dict(meta.precision)
+        restore_rank_rng(meta.rng, self.strategy.rank, self.cfg.seed, self.step, self.device)
+        self.resume_warnings += schedule_change(self.cfg, meta)
         return path
-
-    def load_checkpoint(self, path: Path, meta: dict) -> None:
-        """The weights, the optimizer's state, the counters and each rank's random stream. The
-        optimizer's settings are this run's; a checkpoint of another optimizer gives its weights
-        only."""
-        state = self.strategy.state_dict(self.model, self.optimizer)
-        reason = self.optimizer_state_unusable(path, meta, state["optimizer"])
-        if reason is None:
-            self.load_model_and_optimizer(path, state)
-        else:
-            self.load_weights_only(path, state)
-            self.resume_warnings.append(f"{reason}: loading the weights only (the optimizer starts afresh)")
-        # Every key that fit() continues from; a checkpoint older than a key had the default.
-        self.step, self.tokens = meta["step"], meta["tokens"]
-        self.last_loss, self.last_eval = meta["last_loss"], meta["last_eval"]
-        self.skipped_steps = meta["skipped_steps"]
-        self.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
-        self.precision.load_state_dict(meta["precision"])
-        restore_rank_rng(meta["rng"], self.strategy.rank, self.cfg.seed, self.step, self.device)
-        self.check_schedule_length(meta.get("schedule_steps"), meta.get("run_config", {}))
-
-    def optimizer_state_unusable(self, path: Path, meta: dict, optimizer_state: dict) -> str | None:
-        """Why the checkpoint's optimizer state cannot continue in this run's optimizer (None:
-        it can). Every rank decides the same, or they would leave with different optimizers."""
-        mine, saved = self.run_config["optim.name"], meta.get("run_config", {}).get("optim.name")
-        if saved is not None and saved != mine:
-            return f"checkpoint {path} holds the state of optim={saved}, this run uses optim={mine}"
-        # Also the same optimizer may need state the checkpoint lacks (sgd saved with momentum 0).
-        have = load_state_keys(path)
-        needed = flat_keys(per_parameter_state(optimizer_state), "optimizer.")
-        missing = {key.rsplit(".", 1)[-1] for key in needed if key not in have}  # e.g. momentum_buffer
-        missing = sorted(set().union(*self.strategy.gather(missing)))
-        if missing:
-            return f"checkpoint {path} holds no {'/'.join(missing)} for this run's optim={mine}"
-        return None
-
-    def load_model_and_optimizer(self, path: Path, state: dict) -> None:
-        # Of the optimizer, each parameter's state only: the hyperparameters of the param
-        # groups (betas, eps, weight decay, momentum, ...) stay the ones this run configured.
-        wanted = {"model": state["model"], "optimizer": per_parameter_state(state["optimizer"])}
-        load_state(path, wanted)
-        state["optimizer"].update(wanted["optimizer"])  # values that are not tensors come back new
-        self.strategy.load_state_dict(self.model, self.optimizer, {**state, "model": wanted["model"]})
-
-    def load_weights_only(self, path: Path, state: dict) -> None:
-        wanted = {"model": state["model"]}
-        load_state(path, wanted)
-        self.strategy.load_state_dict(self.model, self.optimizer, {**state, "model": wanted["model"]})
-        # A new optimizer: the old one holds the placeholder state that get_state_dict made up.
-        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device)
-
-    def check_schedule_length(self, planned: int | None, saved_config: dict) -> None:
-        """A run extended (or shortened) under a schedule that depends on its length took its
-        first steps on another schedule than a run of the new length would have: say so."""
-        steps, schedule = self.cfg.train.steps, self.cfg.schedule
-        if planned in (None, steps) or not length_changes_past_lrs(schedule, self.step, planned, steps):
-            return
-        peak = saved_config.get("optim.lr", self.cfg.optim.lr)
-        before = peak * lr_factor(schedule, self.step - 1, planned)
-        after = self.cfg.optim.lr * lr_factor(schedule, self.step, steps)
-        self.resume_warnings.append(
-            f"train.steps {planned} -> {steps} under schedule={plain(schedule.name)}, whose learning rate "
-            f"depends on the run's length: it is recomputed for {steps} steps (lr {before:.6g} at step "
-            f"{self.step}, {after:.6g} at step {self.step + 1}), so this run differs from one of "
-            f"{steps} steps from the start")
-
-    def start_over(self) -> None:
-        """resume=never in a run dir that holds another run's checkpoints: refuse, unless
-        overwrite=true, which deletes them and everything else the old run wrote."""
-        earlier = self.checkpoints.saved()
-        if not earlier and not self.cfg.overwrite:
-            return
-        if not self.cfg.overwrite:
-            raise ConfigError(f"{self.run_dir} already holds a run's checkpoints ({earlier[-1].name} "
-                              "and maybe more); continue it with resume=auto, start over there with "
-                              "resume=never overwrite=true (deletes them), or choose another hydra.run.dir")
-        self.strategy.barrier()  # every rank has looked before anything goes
-        if self.strategy.is_main:
-            shutil.rmtree(self.checkpoints.directory, ignore_errors=True)
-            remove_run_outputs(self.run_dir)
-        self.strategy.barrier()
 
     def announce(self, log: RunLog) -> None:
         train = self.cfg.train
@@ -413,45 +308,6 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# What a run writes in its run dir besides checkpoints/ and the log file (cli.record_config
-# writes .hydra/ again once the new run has passed its checks).
-RUN_OUTPUTS = ("metrics.jsonl", "eval.jsonl", "samples.txt", "run.json", "memory.json", "loss.png",
-               "tensorboard", ".hydra")
-
-
-def remove_run_outputs(run_dir: Path) -> None:
-    """Delete an old run's outputs. Its log file is emptied, not deleted: the handler that
-    writes this run's messages may have it open already (appending), and would go on writing
-    to the deleted file."""
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    for log_file in log_files(run_dir):
-        if log_file.is_file():
-            os.truncate(log_file, 0)
-
-
-def log_files(run_dir: Path) -> set[Path]:
-    """The run's log file (Hydra's ``<job name>.log``) and any other that logging writes in the run dir."""
-    handlers = [*logging.root.handlers, *(handler for logger in logging.Logger.manager.loggerDict.values()
-                                          if isinstance(logger, logging.Logger) for handler in logger.handlers)]
-    here = Path(os.path.abspath(run_dir))
-    return {run_dir / "txtrain.log"} | {Path(handler.baseFilename) for handler in handlers
-                                       if isinstance(handler, logging.FileHandler)
-                                       and Path(handler.baseFilename).parent == here}
-
-
-def flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    """A nested dict's keys as torch.distributed.checkpoint names them: joined with dots."""
-    keys = []
-    for key, value in tree.items():
-        keys += flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return keys
-
-
 def is_due(step: int, every: int, last_step: int) -> bool:
     """True every ``every`` steps (0: never) and always at the last step."""
     return step == last_step or (every > 0 and step % every == 0)
@@ -463,9 +319,7 @@ def seed_everything(seed: int) -> None:
 
 
 def describe_layers(model: ModelConfig) -> str:
-    if model.arch == "encoder_decoder":
-        return f"encoder-decoder, {model.n_encoder_layer or model.n_layer}+{model.n_layer} layers"
-    return f"{model.n_layer} layers"
+    return model_class(model).describe(model)
 
 
 def check_model_fits_task(model: ModelConfig, task: Task) -> None:

@@ -1,13 +1,19 @@
 from txtrain.config import ModelConfig
+from txtrain.model.base import LanguageModel
 from txtrain.model.seq2seq import EncoderDecoder
 from txtrain.model.transformer import Transformer
 
+ARCHITECTURES: dict[str, type[LanguageModel]] = {"gpt": Transformer, "encoder_decoder": EncoderDecoder}
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> Transformer | EncoderDecoder:
+
+def model_class(cfg: ModelConfig) -> type[LanguageModel]:
+    """The class ``cfg.arch`` names, for what it declares before the model is built."""
+    return ARCHITECTURES[str(cfg.arch)]
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> LanguageModel:
     """The architecture ``cfg.arch`` names: the GPT, or the 2017 encoder-decoder."""
-    if cfg.arch == "encoder_decoder":
-        return EncoderDecoder(cfg, vocab_size)
-    return Transformer(cfg, vocab_size)
+    return model_class(cfg)(cfg, vocab_size)
 
 
-__all__ = ["EncoderDecoder", "Transformer", "build_model"]
+__all__ = ["ARCHITECTURES", "EncoderDecoder", "LanguageModel", "Transformer", "build_model", "model_class"]

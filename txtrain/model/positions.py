@@ -54,8 +54,10 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # On the CPU whatever the default device: on the meta device (the memory planner's model)
+        # the first arithmetic imports torch's decompositions, seconds of start-up for nothing.
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def angles(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.arange(length, dtype=torch.float32, device=device)

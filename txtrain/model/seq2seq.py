@@ -9,15 +9,14 @@ change the encoder's outputs at real positions, nor the decoder's.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from txtrain.config import ModelConfig
 from txtrain.model.attention import MultiHeadAttention
+from txtrain.model.base import LanguageModel
 from txtrain.model.positions import Rotary
-from txtrain.model.transformer import Block, Transformer, add_input_layers, init_weights
+from txtrain.model.transformer import Block
 from txtrain.tasks.base import PAD
 
 
@@ -41,7 +40,7 @@ class DecoderBlock(Block):
         return self.ffn_norm(x + self.ffn(x))
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(LanguageModel):
     """Logits for the next target token at every position of ``idx`` (B, T), given the source
     ``sources`` (B, S): (B, T, V). One embedding serves source, target and (tied) head.
 
@@ -49,28 +48,23 @@ class EncoderDecoder(nn.Module):
     the strategies shard, compile and checkpoint block by block, whatever the architecture.
     """
 
+    needs_sources = True
+
+    @classmethod
+    def describe(cls, cfg: ModelConfig) -> str:
+        return f"encoder-decoder, {cfg.n_encoder_layer or cfg.n_layer}+{cfg.n_layer} layers"
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        table_size, rotary = add_input_layers(self, cfg, vocab_size)
+        rotary = self.add_input_layers(cfg, vocab_size)
         n_encoder = cfg.n_encoder_layer or cfg.n_layer
         self.blocks = nn.ModuleDict(
             {f"enc_{i}": Block(cfg, rotary) for i in range(n_encoder)}
             | {f"dec_{i}": DecoderBlock(cfg, rotary) for i in range(cfg.n_layer)})
-        pre = cfg.norm == "pre"  # post-norm blocks already end in a norm
-        self.encoder_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if pre else nn.Identity()
-        self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if pre else nn.Identity()
-        self.head = nn.Linear(cfg.n_embd, table_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.token_embedding.weight
-        self.apply(init_weights)
-        layers = n_encoder + cfg.n_layer
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.out.weight", "cross.out.weight", "ffn.down.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * layers))
-
-    # Tokens in and logits out exactly as in the GPT (same attribute names): its methods.
-    embed = Transformer.embed
-    logits = Transformer.logits
+        # Post-norm blocks already end in a norm; pre-norm needs one after the encoder.
+        self.encoder_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
+        self.add_output_layers(cfg)
+        self.init_weights(residual_layers=n_encoder + cfg.n_layer)
 
     def encode(self, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's output (B, S, C), and the mask (B, 1, 1, S) of real source tokens."""
@@ -88,6 +82,3 @@ class EncoderDecoder(nn.Module):
             if name.startswith("dec_"):
                 x = block(x, memory, memory_mask)
         return self.logits(x[:, -1] if last_only else x)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

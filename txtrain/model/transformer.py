@@ -4,15 +4,14 @@ connection with layer norm before (pre-norm, GPT-2) or after (post-norm, the 201
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from txtrain.config import ModelConfig
 from txtrain.model.attention import MultiHeadAttention
-from txtrain.model.positions import LearnedPositions, Rotary, SinusoidalPositions
+from txtrain.model.base import LanguageModel
+from txtrain.model.positions import Rotary
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -57,90 +56,26 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.ffn(x))
 
 
-class Transformer(nn.Module):
+class Transformer(LanguageModel):
     """GPT: logits for the next token at every position of ``idx`` (B, T) -> (B, T, V).
 
     ``vocab_size`` is the task's vocabulary; the embedding is padded to a multiple of
-    ``cfg.vocab_multiple`` rows (50257 -> 50304: friendlier to matmul kernels). Padded rows are
-    sliced off the logits, so they never touch the loss.
+    ``cfg.vocab_multiple`` rows, sliced off the logits (see LanguageModel).
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        table_size, rotary = add_input_layers(self, cfg, vocab_size)
+        rotary = self.add_input_layers(cfg, vocab_size)
         # A dict rather than a list so that a pipeline stage can drop blocks and keep the names
         # of the rest (blocks.5 stays blocks.5), which checkpoints are keyed by.
         self.blocks = nn.ModuleDict({str(i): Block(cfg, rotary) for i in range(cfg.n_layer)})
-        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
-        self.final_norm = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm == "pre" else nn.Identity()
-        self.head = nn.Linear(cfg.n_embd, table_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.token_embedding.weight
-        self.apply(init_weights)
-        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * layers).
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.out.weight", "ffn.down.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(idx)
-        if self.cfg.pos == "sinusoidal":
-            # As in the 2017 paper: scale the embeddings so the fixed encodings, of size ~1,
-            # do not drown the tokens (which start at std 0.02).
-            x = x * math.sqrt(self.cfg.n_embd)
-        if self.positions is not None:
-            x = x + self.positions(idx.shape[1], idx.device)
-        return self.dropout(x)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.final_norm(x))
-        if logits.shape[-1] > self.vocab_size:  # slice only when padded: FSDP warns about views
-            logits = logits[..., : self.vocab_size]
-        return logits
+        self.add_output_layers(cfg)
+        self.init_weights(residual_layers=cfg.n_layer)
 
     def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V); with ``last_only``, those of the last position only, (B, V):
         sampling needs no more, and the head is the costliest matmul of a small model."""
-        # A pipeline stage lacks the embedding (all but the first stage) or the head (all but
-        # the last): it takes and gives hidden states instead of tokens and logits.
-        x = self.embed(idx) if self.token_embedding is not None else idx
+        x = self.embed(idx)
         for block in self.blocks.values():
             x = block(x)
-        if self.head is None:
-            return x
         return self.logits(x[:, -1] if last_only else x)
-
-    def num_parameters(self) -> int:
-        """Distinct trainable parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def add_input_layers(model: nn.Module, cfg: ModelConfig, vocab_size: int) -> tuple[int, Rotary | None]:
-    """What turns token ids into the first hidden states, shared by both architectures: the
-    embedding (rows padded to ``cfg.vocab_multiple``), the positions and the dropout. Returns
-    the padded table size (for the head) and the rotary embedding for attention, if any."""
-    model.cfg = cfg
-    model.vocab_size = vocab_size
-    table_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-    model.token_embedding = nn.Embedding(table_size, cfg.n_embd)
-    model.positions = make_additive_positions(cfg)
-    model.dropout = nn.Dropout(cfg.dropout)
-    rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.rope_base) if cfg.pos == "rope" else None
-    return table_size, rotary
-
-
-def make_additive_positions(cfg: ModelConfig) -> nn.Module | None:
-    if cfg.pos == "learned":
-        return LearnedPositions(cfg.max_seq_len, cfg.n_embd)
-    if cfg.pos == "sinusoidal":
-        return SinusoidalPositions(cfg.n_embd)
-    return None  # rope lives inside attention; none has no position information at all
-
-
-def init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -3,7 +3,8 @@
 The training loop calls these methods and never asks which strategy it has. A strategy
 places (and wraps or shards) the model, picks this rank's rows of the global batch, runs
 forward+backward over the micro-batches, reduces metrics, clips the global gradient norm, and
-produces and restores the state dicts a checkpoint needs.
+produces and restores the state dicts a checkpoint needs. What each rank holds and runs it
+takes from its placement (``specs.py``), which the memory planner asks too.
 
 Losses are sums over target tokens divided by the *global* number of targets in the step, so
 the gradients of all micro-batches on all ranks add up (never average) to the gradient of the
@@ -19,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from txtrain.config import ConfigError, ParallelConfig
+from txtrain.config import Config, ConfigError
+from txtrain.distributed import require_launched
+from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import Precision
 from txtrain.tasks.base import Batch
 
@@ -37,23 +40,31 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-class SingleProcess:
-    """``parallel=none``: one process, one device. Also the base the other strategies extend."""
+class Strategy:
+    """The interface, with what one process on one device does; each strategy overrides what
+    it does differently."""
 
-    name = "none"
-    multi_process = False  # one process per device, started by torchrun
+    name: str  # as in parallel=<name>
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
         self.cfg = cfg
-        self.device = pick_device(device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.data_parallel_rank = 0
-        self.data_parallel_size = 1
-        if self.world_size > 1 and not self.multi_process:
+        self.placement = cfg.placement(self.world_size)
+        if self.placement.multi_process:
+            require_launched(self.name, self.placement.min_ranks)
+        self.device = pick_device(device)
+        self.data_parallel_rank = self.placement.data_parallel_rank(self.rank)
+        self.data_parallel_size = self.placement.data_parallel_size
+        if self.world_size > 1 and not self.placement.multi_process:
             raise ConfigError(f"parallel={self.name} with {self.world_size} processes would train "
                               f"{self.world_size} separate copies; choose parallel=ddp, fsdp or "
                               "pipeline, or start one process")
+
+    @classmethod
+    def from_config(cls, cfg: Config, seq_len: int) -> Strategy:
+        """The strategy for a run; ``seq_len`` is the longest sequence its task produces."""
+        return cls(cfg.parallel, cfg.device)
 
     @property
     def is_main(self) -> bool:
@@ -72,7 +83,7 @@ class SingleProcess:
 
     # --- data -------------------------------------------------------------------------------
     def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
-        return data_parallel_micro_batch(global_batch, requested, self.data_parallel_size)
+        return self.placement.micro_batch_size(global_batch, requested)
 
     def local_batch(self, batch: Batch) -> Batch:
         """This rank's contiguous share of the global batch."""
@@ -181,26 +192,7 @@ def state_dict_options():
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-# --- how a global batch splits (also checked by plan=true, before any process starts) -------
-def data_parallel_micro_batch(global_batch: int, requested: int | None, data_parallel_size: int) -> int:
-    """Each data-parallel rank takes an equal share, in micro-batches of ``requested``."""
-    local = global_batch // data_parallel_size
-    if global_batch % data_parallel_size:
-        raise ConfigError(f"train.batch_size={global_batch} is not divisible by the "
-                          f"{data_parallel_size} data-parallel ranks")
-    micro = requested or local
-    if local % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} does not divide the per-rank batch "
-                          f"of {local} (train.batch_size={global_batch} over "
-                          f"{data_parallel_size} ranks)")
-    return micro
+class SingleDevice(Strategy):
+    """``parallel=none``: one process, one device."""
 
-
-def pipeline_micro_batch(global_batch: int, requested: int | None, n_microbatches: int) -> int:
-    """The pipeline feeds the whole batch in ``n_microbatches`` equal parts."""
-    micro, parts = divmod(global_batch, n_microbatches)
-    if parts or (requested and requested != micro):
-        raise ConfigError(f"parallel=pipeline splits train.batch_size={global_batch} into "
-                          f"parallel.n_microbatches={n_microbatches} equal micro-"
-                          "batches; make it divisible (and leave train.micro_batch_size unset)")
-    return micro
+    name = "none"

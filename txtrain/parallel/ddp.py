@@ -7,9 +7,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from txtrain.config import ParallelConfig
-from txtrain.distributed import require_launched
-from txtrain.parallel.base import SingleProcess
+from txtrain.parallel.base import Strategy
+from txtrain.parallel.specs import ParallelConfig
 
 
 # (No `from __future__ import annotations` here: DDP checks the hook's annotations as types.)
@@ -21,15 +20,11 @@ def sum_gradients(process_group: dist.ProcessGroup,
     return work.get_future().then(lambda future: future.value()[0])
 
 
-class DDP(SingleProcess):
+class DDP(Strategy):
     name = "ddp"
-    multi_process = True
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
-        require_launched(self.name)
         super().__init__(cfg, device)
-        self.data_parallel_rank = self.rank
-        self.data_parallel_size = self.world_size
         if self.device.type == "cuda":  # one device per process: the one torchrun assigned
             self.device = torch.device("cuda", torch.cuda.current_device())
 

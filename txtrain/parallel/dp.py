@@ -16,8 +16,9 @@ import logging
 import torch
 from torch import nn
 
-from txtrain.config import ConfigError, ParallelConfig
-from txtrain.parallel.base import SingleProcess
+from txtrain.config import Config, ConfigError
+from txtrain.parallel.base import Strategy
+from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import DTYPES
 
 log = logging.getLogger("txtrain")
@@ -37,7 +38,7 @@ class AutocastEachReplica(nn.Module):
             return self.module(*args, **kwargs)
 
 
-class DP(SingleProcess):
+class DP(Strategy):
     name = "dp"
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto", precision: str = "fp32",
@@ -53,6 +54,10 @@ class DP(SingleProcess):
                               "onto every GPU at each forward and a compiled block keeps running "
                               "the first GPU's weights; use parallel=ddp (one process per GPU) or "
                               "compile=false")
+
+    @classmethod
+    def from_config(cls, cfg: Config, seq_len: int) -> DP:
+        return cls(cfg.parallel, cfg.device, str(cfg.precision.name), cfg.compile)
 
     def describe(self) -> str:
         if self.n_gpus < 2:

@@ -16,18 +16,16 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from txtrain.config import ConfigError, ParallelConfig
-from txtrain.distributed import require_launched
-from txtrain.parallel.base import SingleProcess
+from txtrain.config import Config
+from txtrain.parallel.base import Strategy
+from txtrain.parallel.specs import FSDPConfig
 from txtrain.precision import DTYPES
 
 
-class FSDP(SingleProcess):
+class FSDP(Strategy):
     name = "fsdp"
-    multi_process = True
 
-    def __init__(self, cfg: ParallelConfig, device: str = "auto", precision: str = "fp32"):
-        require_launched(self.name)
+    def __init__(self, cfg: FSDPConfig, device: str = "auto", precision: str = "fp32"):
         super().__init__(cfg, device)
         # Mixed precision the FSDP way: blocks gather their weights in the compute dtype;
         # gradients are reduced, and the sharded weights kept, in fp32.
@@ -35,15 +33,15 @@ class FSDP(SingleProcess):
                                                     reduce_dtype=torch.float32)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if self.world_size % cfg.replicate:
-            raise ConfigError(f"parallel.replicate={cfg.replicate} does not divide the "
-                              f"{self.world_size} processes")
-        shape, names = (cfg.replicate, self.world_size // cfg.replicate), ("replicate", "shard")
+        self.placement.check_ranks(f"the {self.world_size} processes")
+        shape, names = (cfg.replicate, self.placement.shard_group), ("replicate", "shard")
         if cfg.replicate == 1:
             shape, names = shape[1:], names[1:]
         self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
-        self.data_parallel_rank = self.rank
-        self.data_parallel_size = self.world_size
+
+    @classmethod
+    def from_config(cls, cfg: Config, seq_len: int) -> FSDP:
+        return cls(cfg.parallel, cfg.device, str(cfg.precision.name))
 
     def describe(self) -> str:
         layout = "x".join(str(n) for n in self.mesh.shape)

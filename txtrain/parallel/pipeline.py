@@ -2,7 +2,7 @@
 
 The blocks are split into consecutive stages, one per rank (or ``stages_per_rank`` per rank,
 round-robin, for the interleaved schedule); the first stage also holds the embeddings, the
-last the final norm and the head. Each rank keeps the Transformer with only its own parts, so
+last the final norm and the head (``specs.Stages`` says which rank holds what). Each rank keeps the Transformer with only its own parts, so
 parameter names, and with them checkpoints, are those of the whole model. A step's batch runs
 through the stages as ``n_microbatches`` micro-batches in the order the schedule dictates.
 
@@ -15,7 +15,6 @@ of those gets forward-only stages of its own, built on first use and kept.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -25,34 +24,36 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
-from txtrain.config import ConfigError, ParallelConfig
-from txtrain.distributed import require_launched
-from txtrain.parallel.base import Forward, LossFn, NextLogits, SingleProcess, pipeline_micro_batch
+from txtrain.config import Config
+from txtrain.parallel.base import Forward, LossFn, NextLogits, Strategy
+from txtrain.parallel.specs import PipelineConfig
+from txtrain.parallel.stage import ModelSlice
 from txtrain.precision import Precision
 from txtrain.tasks.base import IGNORE_INDEX, PAD, Batch
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
 
-class Pipeline(SingleProcess):
+class Pipeline(Strategy):
     name = "pipeline"
-    multi_process = True
 
-    def __init__(self, cfg: ParallelConfig, device: str = "auto", seq_len: int = 0):
-        require_launched(self.name, min_processes=2)
+    def __init__(self, cfg: PipelineConfig, device: str = "auto", seq_len: int = 0):
         super().__init__(cfg, device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.n_stages = self.world_size * cfg.stages_per_rank
-        # Stage i lives on rank i % world_size: rank r holds stages r, r + world, ...
-        self.my_stages = [self.rank + k * self.world_size for k in range(cfg.stages_per_rank)]
-        self.is_first = 0 in self.my_stages
-        self.is_last = self.n_stages - 1 in self.my_stages
-        self.last_rank = (self.n_stages - 1) % self.world_size
+        self.n_stages = self.placement.n_stages
+        self.my_stages = self.placement.stages(self.rank)
+        self.is_first = self.placement.holds_embeddings(self.rank)
+        self.is_last = self.placement.holds_head(self.rank)
+        self.last_rank = self.placement.last_rank
         # Every micro-batch has the same shape: the stages exchange fixed-size activations.
         self.seq_len = seq_len
         self.loss_fn: LossFn | None = None  # this step's, set by forward_backward
         self.precision: Precision | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, seq_len: int) -> Pipeline:
+        return cls(cfg.parallel, cfg.device, seq_len)
 
     def describe(self) -> str:
         return (f"{self.name} of {self.n_stages} stages over {self.world_size} processes on "
@@ -61,15 +62,12 @@ class Pipeline(SingleProcess):
 
     # --- model ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        if model.cfg.n_layer < self.n_stages:
-            raise ConfigError(f"parallel=pipeline needs at least one block per stage: "
-                              f"model.n_layer={model.cfg.n_layer} < {self.n_stages} stages")
-        stage_blocks = split_evenly(list(model.blocks.keys()), self.n_stages)
-        chunks = [keep_only(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1)
+        self.placement.check_blocks(model.cfg.n_layer)
+        stage_blocks = self.placement.stage_blocks(list(model.blocks))
+        chunks = [ModelSlice(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1)
                   for s in self.my_stages]
-        mine = {name for s in self.my_stages for name in stage_blocks[s]}
-        model = keep_only(model, [name for name in model.blocks if name in mine],
-                          first=self.is_first, last=self.is_last).to(self.device)
+        model = ModelSlice(model, self.placement.blocks(self.rank, list(model.blocks)),
+                           first=self.is_first, last=self.is_last).to(self.device)
         self.vocab_size = model.vocab_size
         self.chunks = chunks  # one per stage of this rank: evaluation builds stages of them later
         # Losses are already divided by the step's global target count: no further scaling.
@@ -94,9 +92,6 @@ class Pipeline(SingleProcess):
         return self.precision.scale(self.loss_fn(logits, targets))
 
     # --- data -------------------------------------------------------------------------------
-    def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
-        return pipeline_micro_batch(global_batch, requested, self.cfg.n_microbatches)
-
     def pad(self, batch: Batch) -> Batch:
         """Right-pad to the fixed length (padding is ignored by the loss and, the model being
         causal, cannot change the positions before it)."""
@@ -187,24 +182,3 @@ class Pipeline(SingleProcess):
             self.eval_schedules[key] = stages, self.schedule(schedule_class, stages, n_microbatches)
         return self.eval_schedules[key]
 
-
-def split_evenly(names: list[str], parts: int) -> list[list[str]]:
-    """Consecutive runs of names, the first ones one longer when they do not divide evenly."""
-    size, extra = divmod(len(names), parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + size + (part < extra))
-    return [names[bounds[i]:bounds[i + 1]] for i in range(parts)]
-
-
-def keep_only(model: nn.Module, block_names: list[str], first: bool, last: bool) -> nn.Module:
-    """A view of the Transformer with only the given blocks, the embeddings if ``first`` and
-    the final norm and head if ``last``; it shares their parameters with ``model``."""
-    part = copy.copy(model)
-    part._modules = dict(model._modules)
-    part.blocks = nn.ModuleDict({name: model.blocks[name] for name in block_names})
-    if not first:
-        part.token_embedding = part.positions = None
-    if not last:
-        part.final_norm = part.head = None
-    return part

@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from txtrain.checkpoint import file_sha256
 from txtrain.config import ConfigError, CorpusConfig
 
 
@@ -106,11 +107,3 @@ def download(url: str, sha256: str | None, folder: Path) -> Path:
                           "the file changed or the download was corrupted")
     os.replace(partial, target)
     return target
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

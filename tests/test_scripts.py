@@ -1,0 +1,135 @@
+"""Each script in scripts/ runs as a user runs it, with its smallest arguments, and prints what
+it promises. (bench.py and gpu_check.py have tests of their own.)"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+WORDS = "the quick brown fox jumps over the lazy dog while socrates asks what justice is. "
+TINY_MODEL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
+
+
+def smallest_runs(folder: Path) -> dict[str, list[str]]:
+    """Each script's arguments for its smallest run in ``folder`` (its working directory),
+    with the input files they name."""
+    corpus = folder / "scaling" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_text(WORDS * 200)
+    tokens = folder / "reference" / "tokens.npy"
+    tokens.parent.mkdir()
+    np.save(tokens, np.tile(np.arange(10, dtype=np.uint16), 100))
+    return {
+        "parity": ["--steps", "2", "--strategies", "pipeline 1f1b", "--extra", "device=cpu",
+                   "model.n_embd=32", "model.n_head=2", "task.max_len=4"],
+        "positions": ["--train-len", "2", "--steps", "2", "--schemes", "rope", "--out", "out"],
+        "scaling": ["--steps", "1", "--warmup", "1", "--tables", "seq_len", "--seq-lens", "16",
+                    "--impls", "sdpa", "--out", "out", "task=text", f"task.data.path={corpus}",
+                    "task.tokenizer=bytes", f"task.cache_dir={corpus.parent / 'cache'}", *TINY_MODEL],
+        "reference": ["--tokens", str(tokens), "--vocab-size", "10", "--vocab-multiple", "8",
+                      "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--seq-len", "8",
+                      "--batch-size", "4", "--steps", "30", "--lr", "1e-2", "--warmup-steps", "1",
+                      "--device", "cpu", "--json", "out.json"],
+        "step_profile": ["--no-defaults", "--steps", "1", "--rows", "5", *TINY_MODEL, "task.max_len=4",
+                         "train.batch_size=8"],
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(request, tmp_path_factory) -> Callable[[str], tuple[str, Path]]:
+    """A script's standard output and working directory, once it has ended. The scripts of
+    the selected tests (test_<script>_...) start all at once: each process spends most of its
+    time importing torch on one core, so on two cores they end in half the time."""
+    folder = tmp_path_factory.mktemp("scripts")
+    runs = smallest_runs(folder)
+    selected = [name for name in runs if any(item.name.startswith(f"test_{name}_")
+                                             for item in request.session.items)]
+    # One thread a process: on a busy machine, tiny ops on several threads wait for each other.
+    # The scripts' own temporary folders (their run dirs, kept) go in the test's.
+    (folder / "tmp").mkdir()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", TMPDIR=str(folder / "tmp"))
+    processes = {}
+    for name in selected:
+        (folder / name).mkdir(exist_ok=True)
+        processes[name] = subprocess.Popen([sys.executable, str(SCRIPTS / f"{name}.py"), *runs[name]],
+                                           cwd=folder / name, env=env, text=True,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def wait(name: str) -> tuple[str, Path]:
+        stdout, stderr = processes[name].communicate(timeout=300)
+        assert processes[name].returncode == 0, stderr[-3000:] + stdout[-2000:]
+        return stdout, folder / name
+
+    yield wait
+    for process in processes.values():  # those whose test failed before waiting
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every markdown table row, separator rows left out."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_parity_prints_how_close_a_strategy_comes_to_one_process(finished):
+    out, _ = finished("parity")
+    header, row = table_rows(out)
+    assert header[0] == "strategy" and "2 steps" in header[2]
+    assert row[:2] == ["pipeline 1f1b", "2"]
+    loss_difference, weight_difference = float(row[2]), float(row[3])
+    assert 0 <= loss_difference < 1e-3 and 0 <= weight_difference < 1e-3  # as tests/test_parallel
+
+
+def test_positions_measures_every_length_for_each_architecture(finished):
+    out, folder = finished("positions")
+    assert re.search(r"gpt +rope +lengths 1\.\.2: [\d.]+ +3\.\.4: [\d.]+", out), out
+    results = json.loads((folder / "out" / "positions.json").read_text())["results"]
+    assert [(r["arch"], r["pos"]) for r in results] == [("gpt", "rope"), ("encoder_decoder", "rope")]
+    for result in results:
+        assert sorted(map(int, result["exact_match"])) == [1, 2, 3, 4]
+        assert all(0 <= score <= 1 for score in result["exact_match"].values())
+    rows = table_rows((folder / "out" / "positions.md").read_text())
+    assert rows[0][:3] == ["model", "pos", "trained 1..2"] and len(rows) == 3
+    assert (folder / "out" / "positions.png").stat().st_size > 0
+
+
+def test_scaling_tabulates_speed_and_memory(finished):
+    _, folder = finished("scaling")
+    rows = json.loads((folder / "out" / "scaling.json").read_text())
+    assert rows["size"] == rows["compile"] == []
+    (row,) = rows["seq_len"]
+    assert (row["seq_len"], row["impl"]) == (16, "sdpa")
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 2
+    assert 0 < row["planned_gib"] < 4 and 0 < row["peak_gib"] < 4
+    cells = table_rows((folder / "out" / "scaling.md").read_text())
+    assert [cells[0][:3], cells[1][:2]] == [["seq len", "impl", "tokens/s"], ["16", "sdpa"]]
+    assert (folder / "out" / "scaling.png").stat().st_size > 0
+
+
+def test_reference_loop_learns_a_repeating_sequence(finished):
+    out, folder = finished("reference")
+    assert len(re.findall(r"^step \d+: loss [\d.]+, \d+ ms$", out, re.MULTILINE)) == 30
+    result = json.loads((folder / "out.json").read_text())
+    losses = result["losses"]
+    assert losses[0] == pytest.approx(np.log(10), rel=0.2)  # a uniform guess at first
+    assert losses[-1] < losses[0] / 2  # the next token is always determined
+    assert len(result["step_seconds"]) == 30 and result["tokens_per_step"] == 32
+    assert result["peak_memory_bytes"] > 2**20
+
+
+def test_step_profile_splits_the_step_time_into_groups(finished):
+    out, _ = finished("step_profile")
+    assert "Self CPU" in out and "aten::" in out  # the profiler's table
+    shares = dict(re.findall(r"(\w+) ([\d.]+)%", out.split("share of step time:")[1]))
+    assert list(shares) == ["matmul", "attention", "loss", "optimizer", "zeroing", "copies", "other"]
+    assert sum(map(float, shares.values())) == pytest.approx(100, abs=0.5)
+    assert float(shares["matmul"]) > 0
