@@ -62,6 +62,7 @@ def child(command: str, args: list[str], cwd: str, env: dict, out: str, err: str
         torch.set_num_threads(threads)
     try:
         if command.endswith(".py"):  # a script, run as ``python script.py`` would
+            sys.path.insert(0, str(Path(command).resolve().parent))
             runpy.run_path(command, run_name="__main__")
         else:
             importlib.import_module(ENTRY_POINTS[command]).main()

@@ -2,20 +2,21 @@
 training step under a memory profile) gives a row of planned against measured memory."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+
+import forked
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_table.py"
 
 
 def test_a_two_rank_cell_reports_its_plan_and_its_measured_peak(tmp_path):
+    # The table's own process, as ``python memory_table.py`` runs it, forked (tests/forked.py);
+    # the cell's two ranks are a real torchrun job, as always.
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--models", "tiny", "--strategies", "ddp", "--precisions",
-         "fp32", "--checkpointing", "off", "--steps", "1", "--batch-size", "4", "device=cpu"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    [result] = forked.run(
+        ["--models", "tiny", "--strategies", "ddp", "--precisions", "fp32", "--checkpointing", "off",
+         "--steps", "1", "--batch-size", "4", "device=cpu"],
+        tmp_path, env, timeout=120, command=str(SCRIPT))
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -4,13 +4,13 @@ it promises. (bench.py and gpu_check.py have tests of their own.)"""
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+
+import forked
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 WORDS = "the quick brown fox jumps over the lazy dog while socrates asks what justice is. "
@@ -44,9 +44,10 @@ def smallest_runs(folder: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def finished(request, tmp_path_factory) -> Callable[[str], tuple[str, Path]]:
-    """A script's standard output and working directory, once it has ended. The scripts of
-    the selected tests (test_<script>_...) start all at once: each process spends most of its
-    time importing torch on one core, so on two cores they end in half the time."""
+    """A script's standard output and working directory, once it has ended. Each script runs
+    as ``python script.py`` would, as ``__main__`` in a process of its own, forked with torch
+    already imported (tests/forked.py); the scripts of the selected tests (test_<script>_...)
+    start all at once, and on two cores they end in about half the time."""
     folder = tmp_path_factory.mktemp("scripts")
     runs = smallest_runs(folder)
     selected = [name for name in runs if any(item.name.startswith(f"test_{name}_")
@@ -58,20 +59,19 @@ def finished(request, tmp_path_factory) -> Callable[[str], tuple[str, Path]]:
     processes = {}
     for name in selected:
         (folder / name).mkdir(exist_ok=True)
-        processes[name] = subprocess.Popen([sys.executable, str(SCRIPTS / f"{name}.py"), *runs[name]],
-                                           cwd=folder / name, env=env, text=True,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        processes[name] = forked.Forked(str(SCRIPTS / f"{name}.py"), runs[name], folder / name, env,
+                                        threads=1)  # torch is imported: OMP_NUM_THREADS is too late
 
     def wait(name: str) -> tuple[str, Path]:
-        stdout, stderr = processes[name].communicate(timeout=300)
-        assert processes[name].returncode == 0, stderr[-3000:] + stdout[-2000:]
-        return stdout, folder / name
+        done = processes[name].finish(timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+        return done.stdout, folder / name
 
     yield wait
     for process in processes.values():  # those whose test failed before waiting
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
 
 
 def table_rows(text: str) -> list[list[str]]:
