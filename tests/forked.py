@@ -56,6 +56,8 @@ def child(command: str, args: list[str], cwd: str, env: dict, out: str, err: str
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [command, *args]
+    # torch is imported already, so OMP_NUM_THREADS would come too late: apply it by hand
+    threads = threads or int(env.get("OMP_NUM_THREADS", 0))
     if threads:
         import torch
 

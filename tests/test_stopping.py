@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import forked
 from conftest import make_config
 from txtrain.checkpoint import verify
 from txtrain.config import ConfigError
@@ -20,19 +21,30 @@ from txtrain.stopping import INTERRUPTED_STATUS
 
 RUN = ["train.steps=60", "train.log_every=1", "train.eval_every=0", "train.save_every=5",
        "task.n_eval=50", "model.n_layer=1", "progress=false"]
-TXTRAIN = [sys.executable, "-m", "txtrain"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             "-m", "txtrain", "parallel=ddp"]
 
 
-def start(command: list[str], cwd: Path) -> subprocess.Popen:
+def environment() -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return env
 
 
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    """A real process (here: torchrun, whose agent and workers the test is about)."""
+    return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def start_txtrain(args: list[str], cwd: Path) -> forked.Forked:
+    """``txtrain *args`` in one process of its own, forked with torch already imported (see
+    forked.py): its own signal handlers, exit status and output, as a fresh process. One thread,
+    as OMP_NUM_THREADS=1 gives a fresh process (the fork server's torch read it before)."""
+    return forked.Forked("txtrain", args, cwd, environment(), threads=1)
+
+
+def finish(process: subprocess.Popen | forked.Forked) -> subprocess.CompletedProcess:
     stdout, stderr = process.communicate(timeout=300)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -41,7 +53,15 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return finish(start(command, cwd))
 
 
-def wait_for_steps(process: subprocess.Popen, cwd: Path, steps: int) -> Path:
+def run_txtrain(args: list[str], cwd: Path, ranks: int = 1) -> list[subprocess.CompletedProcess]:
+    """``txtrain *args`` to the end in ``ranks`` forked processes (one rank each, meeting as
+    torchrun's workers do); their outcomes in rank order."""
+    if ranks == 1:
+        return [start_txtrain(args, cwd).finish(300)]
+    return forked.run(args, cwd, environment(), timeout=300, ranks=ranks)
+
+
+def wait_for_steps(process: subprocess.Popen | forked.Forked, cwd: Path, steps: int) -> Path:
     """Wait until the run (its dir found under ``cwd``) has logged ``steps`` steps."""
     deadline = time.monotonic() + 180
     while True:
@@ -83,17 +103,17 @@ def whole(tmp_path_factory) -> dict[str, Path]:
     """Uninterrupted runs: one process, and ddp over two."""
     root = tmp_path_factory.mktemp("whole")
     runs = {"single": root / "single", "ddp": root / "ddp"}
-    done = [run([*TXTRAIN, *RUN, f"hydra.run.dir={runs['single']}"], root),
-            run([*TORCHRUN, *RUN, f"hydra.run.dir={runs['ddp']}"], root)]
-    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    done = [*run_txtrain([*RUN, f"hydra.run.dir={runs['single']}"], root),
+            *run_txtrain(["parallel=ddp", *RUN, f"hydra.run.dir={runs['ddp']}"], root, ranks=2)]
+    assert [d.returncode for d in done] == [0, 0, 0], [d.stderr[-2000:] for d in done]
     return runs
 
 
 # --- one process ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGUSR1, ["train.stop_signal=SIGUSR1"])])
 def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(tmp_path, whole, sig, extra):
-    command = [*TXTRAIN, *RUN, *extra, f"hydra.run.dir={tmp_path / 'run'}"]
-    process = start(command, tmp_path)
+    command = [*RUN, *extra, f"hydra.run.dir={tmp_path / 'run'}"]
+    process = start_txtrain(command, tmp_path)
     wait_for_steps(process, tmp_path, 7)
     process.send_signal(sig)
     stopped = finish(process)
@@ -102,7 +122,7 @@ def test_a_stop_signal_saves_the_step_and_the_rerun_continues_exactly(tmp_path, 
     assert step < 60 and f"stopped by {signal.Signals(sig).name} after step {step}" in stopped.stderr
     verify(tmp_path / "run" / "checkpoints" / f"step_{step:06d}")  # the step it stopped at, whole
 
-    again = run(command, tmp_path)
+    [again] = run_txtrain(command, tmp_path)
     assert again.returncode == 0, again.stderr
     assert_continues_exactly(tmp_path / "run", whole["single"])  # bitwise
 
@@ -113,12 +133,12 @@ def test_an_unknown_stop_signal_is_a_config_error():
 
 
 def test_after_kill_9_the_rerun_continues_from_the_last_checkpoint_exactly(tmp_path, whole):
-    command = [*TXTRAIN, *RUN, f"hydra.run.dir={tmp_path / 'run'}"]
-    process = start(command, tmp_path)
+    command = [*RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    process = start_txtrain(command, tmp_path)
     wait_for_steps(process, tmp_path, 17)
     process.kill()
     assert finish(process).returncode == -signal.SIGKILL
-    again = run(command, tmp_path)
+    [again] = run_txtrain(command, tmp_path)
     assert again.returncode == 0 and "resumed from" in again.stderr + again.stdout, again.stderr
     assert_continues_exactly(tmp_path / "run", whole["single"])
 
