@@ -53,12 +53,9 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return finish(start(command, cwd))
 
 
-def run_txtrain(args: list[str], cwd: Path, ranks: int = 1) -> list[subprocess.CompletedProcess]:
-    """``txtrain *args`` to the end in ``ranks`` forked processes (one rank each, meeting as
-    torchrun's workers do); their outcomes in rank order."""
-    if ranks == 1:
-        return [start_txtrain(args, cwd).finish(300)]
-    return forked.run(args, cwd, environment(), timeout=300, ranks=ranks)
+def run_txtrain(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """``txtrain *args`` to the end in a forked process."""
+    return [start_txtrain(args, cwd).finish(300)]
 
 
 def wait_for_steps(process: subprocess.Popen | forked.Forked, cwd: Path, steps: int) -> Path:
@@ -104,8 +101,8 @@ def whole(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("whole")
     runs = {"single": root / "single", "ddp": root / "ddp"}
     done = [*run_txtrain([*RUN, f"hydra.run.dir={runs['single']}"], root),
-            *run_txtrain(["parallel=ddp", *RUN, f"hydra.run.dir={runs['ddp']}"], root, ranks=2)]
-    assert [d.returncode for d in done] == [0, 0, 0], [d.stderr[-2000:] for d in done]
+            run([*TORCHRUN, *RUN, f"hydra.run.dir={runs['ddp']}"], root)]
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
     return runs
 
 
