@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import forked
 import txtrain
 from conftest import losses, make_config, run_txtrain
 from txtrain.checkpoint import Checkpoints, load_model_weights
@@ -58,13 +57,9 @@ def torchrun(*args: str, nproc: int = 2, cwd: Path, torchrun_args=(), timeout: f
 
 
 def ranks(*args: str, nproc: int = 2, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``txtrain *args`` as ``nproc`` ranks meeting at a rendezvous address, as torchrun starts
-    them, but forked with torch already imported (forked.py; the launch tests below go through
-    torchrun itself). One outcome: the first failing rank's status, every rank's output."""
-    done = forked.run(args, cwd, dict(os.environ, PYTHONWARNINGS="ignore"), timeout, ranks=nproc)
-    status = next((rank.returncode for rank in done if rank.returncode), 0)
-    return subprocess.CompletedProcess(done[0].args, status, "".join(rank.stdout for rank in done),
-                                       "".join(rank.stderr for rank in done))
+    """``txtrain *args`` as ``nproc`` ranks under torchrun. (Ranks forked from tests/forked.py's
+    server hung now and then in full runs, cause not yet found: these stay real processes.)"""
+    return torchrun(*args, nproc=nproc, cwd=cwd, timeout=timeout)
 
 
 def evaluations(run_dir: Path) -> list[dict]:

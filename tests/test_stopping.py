@@ -39,9 +39,9 @@ def start(command: list[str], cwd: Path) -> subprocess.Popen:
 
 def start_txtrain(args: list[str], cwd: Path) -> forked.Forked:
     """``txtrain *args`` in one process of its own, forked with torch already imported (see
-    forked.py): its own signal handlers, exit status and output, as a fresh process. One thread,
-    as OMP_NUM_THREADS=1 gives a fresh process (the fork server's torch read it before)."""
-    return forked.Forked("txtrain", args, cwd, environment(), threads=1)
+    forked.py): its own signal handlers, exit status, output and OMP_NUM_THREADS, as a fresh
+    process."""
+    return forked.start(args, cwd, environment())
 
 
 def finish(process: subprocess.Popen | forked.Forked) -> subprocess.CompletedProcess:

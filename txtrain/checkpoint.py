@@ -22,7 +22,6 @@ stops all ranks with the same one-line error. None is left waiting for another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ import torch.distributed as dist
 
 from txtrain.collective import Gather, PhaseFailed, agree, describe_failure, gather_all, node_leader
 from txtrain.config import ConfigError, TrainingStopped
+from txtrain.digest import file_sha256
 
 POINTER = "latest"
 STATE_DIR = "state"
@@ -270,14 +270,6 @@ def verify(folder: Path) -> None:
         if file_sha256(path) != expected["sha256"]:
             raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {name} does not match the "
                                     "checksum in its manifest")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_checkpoint(resume: str, run_dir: Path, log: Callable[[str], None] = lambda line: None,

@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from txtrain.checkpoint import file_sha256
+from txtrain.digest import file_sha256
 from txtrain.config import ConfigError, CorpusConfig
 
 
@@ -49,7 +49,7 @@ class Corpus:
         digest = hashlib.sha256()
         for file in self.files:
             digest.update(file.relative_to(self.root).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
+            digest.update(bytes.fromhex(file_sha256(file)))
         return digest.hexdigest()
 
     @property

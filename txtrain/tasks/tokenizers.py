@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from txtrain.config import ConfigError
+from txtrain.digest import file_sha256
 
 SIMPLE = ("bytes", "char")
 # The encodings whose ranks a local .tiktoken file may supply: GPT-2's byte-pair ranks
@@ -122,7 +123,7 @@ class TiktokenTokenizer:
         """Names the ranks: the encoding's name, and the file's content when read from one."""
         if self.file is None:
             return self.name
-        return f"{self.name}:{hashlib.sha256(Path(self.file).expanduser().read_bytes()).hexdigest()}"
+        return f"{self.name}:{file_sha256(Path(self.file).expanduser())}"
 
 
 def gpt2_from_file(name: str, path: Path):
