@@ -93,7 +93,7 @@ def bench(overrides: list[str], steps: int, warmup: int, pairs: int, with_refere
     why_not = reference_mismatch(cfg) if with_reference else "not asked for"
     reference_args = None
     if why_not is None:
-        np.save(out / "train_tokens.npy", np.asarray(task.train_tokens))
+        np.save(out / "train_tokens.npy", task.train_tokens.read(0, len(task.train_tokens)))
         reference_args = reference_command(cfg, task.vocab_size, device, out)
 
     dtype = str(cfg.precision.name)

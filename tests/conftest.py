@@ -1,8 +1,14 @@
+import os
+
+# One thread per test process, set before torch starts (and inherited by the runs the tests
+# start): test files run two at a time, and spinning thread pools of two processes on two cores
+# would slow both several times over. Tiny models gain nothing from a second thread anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import contextlib
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import dataclass

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "txtrain.cli", "txtrain.train",
@@ -78,6 +79,9 @@ def child(command: str, args: list[str], cwd: str, env: dict, out: str, err: str
         status = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    import resource
+
+    Path(out).with_name("maxrss").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     os._exit(status)  # no atexit handlers inherited from the fork server
 
 
@@ -117,9 +121,12 @@ class Forked:
         return self.returncode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Wait for the end, as ``wait`` does; its stdout and stderr."""
+        """Wait for the end, as ``wait`` does; its stdout and stderr. (``maxrss``: its peak
+        resident size in KiB, where it ended by itself.)"""
         self.wait(timeout)
         output = tuple(path.read_text(errors="replace") for path in (self.out, self.err))
+        peak = self.logs / "maxrss"
+        self.maxrss = int(peak.read_text()) if peak.is_file() else None
         shutil.rmtree(self.logs, ignore_errors=True)
         return output
 
@@ -130,19 +137,23 @@ class Forked:
             self.kill()
             self.process.join()
             raise
-        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+        done = subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+        done.maxrss = self.maxrss
+        return done
 
 
 def start(args, cwd: Path, env: dict | None = None, command: str = "txtrain", rank: int | None = None,
           ranks: int = 1, port: int = 0) -> Forked:
     """Start ``command *args`` (a command of ENTRY_POINTS, or a script's path) in a forked
-    process; with ``rank``, as that rank of ``ranks`` meeting at ``port``, as under torchrun."""
+    process; with ``rank``, as that rank of ``ranks`` meeting at the store on ``port``, as
+    under torchrun."""
     env = dict(os.environ if env is None else env)
     env.pop("HYDRA_FULL_ERROR", None)
     threads = 0
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
-                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
         threads = 1  # what torchrun sets for several processes on one machine
     return Forked(command, args, cwd, env, threads)
 
@@ -150,17 +161,38 @@ def start(args, cwd: Path, env: dict | None = None, command: str = "txtrain", ra
 def run(args, cwd: Path, env: dict | None = None, timeout: float = 300, command: str = "txtrain",
         ranks: int = 1) -> list[subprocess.CompletedProcess]:
     """``command *args`` in ``ranks`` forked processes (one rank each when ``ranks`` > 1, as
-    torchrun would start them), to the end; their outcomes in rank order."""
+    torchrun would start them), to the end; their outcomes in rank order.
+
+    As under torchrun, the rendezvous store is the launcher's (this process's, on a port the
+    system chose, so no other process can hold it), and the ranks connect to it; when one
+    rank fails, the others are stopped rather than left waiting for it."""
     if ranks == 1:
         return [start(args, cwd, env, command).finish(timeout)]
-    port = free_port()
-    started = [start(args, cwd, env, command, rank, ranks, port) for rank in range(ranks)]
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, ranks, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=timeout))
+    started = [start(args, cwd, env, command, rank, ranks, store.port) for rank in range(ranks)]
     try:
-        return [process.finish(timeout) for process in started]
+        deadline = time.monotonic() + timeout
+        while any(p.returncode is None for p in started) and time.monotonic() < deadline:
+            failed = [p for p in started if p.returncode not in (None, 0)]
+            if failed:  # give the others a moment to end on their own, then stop them
+                for process in started:
+                    try:
+                        process.wait(10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                break
+            time.sleep(0.05)
+        return [process.finish(max(1.0, deadline - time.monotonic())) for process in started]
     finally:
         for process in started:
             if process.returncode is None:
                 process.kill()
+        del store
 
 
 def free_port() -> int:

@@ -1,9 +1,28 @@
-"""Tasks build their vocabulary, their training batches and their evaluation."""
+"""Tasks build their vocabulary, their training batches and their evaluation.
+
+The data modules (tokenizers, documents, shards, prepared datasets) need no torch, so that
+``txtrain-prepare`` and its worker processes start quickly: nothing here imports it until a
+task or a batch is asked for.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from txtrain.config import SyntheticTaskConfig, TextTaskConfig
-from txtrain.tasks.base import IGNORE_INDEX, Batch, Codec, Sampling, Task
+
+if TYPE_CHECKING:
+    from txtrain.tasks.base import Codec, Task
+
+BASE_NAMES = ("IGNORE_INDEX", "Batch", "Codec", "Sampling", "Task")
+
+
+def __getattr__(name: str):
+    if name in BASE_NAMES:
+        from txtrain.tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_task(cfg, seed: int, progress: bool = True, seq2seq: bool = False) -> Task:

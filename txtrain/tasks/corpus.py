@@ -33,17 +33,6 @@ class Corpus:
     files: list[Path]  # in a fixed order: the token stream is these files, one after another
     root: Path
 
-    def read(self, file: Path) -> str:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{file} is not UTF-8 text (byte {error.start} is {error.object[error.start]:#x}); "
-                              "convert it to UTF-8 or leave it out of task.data.path") from error
-        if "\0" in text:
-            raise ConfigError(f"{file} holds NUL bytes: it looks binary, not text; leave it out of "
-                              "task.data.path")
-        return text
-
     def fingerprint(self) -> str:
         """A hash of every file's name (relative to the corpus) and content."""
         digest = hashlib.sha256()
