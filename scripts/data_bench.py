@@ -8,7 +8,7 @@
    time; the command as a user runs it, in a fresh process). Reported: MB of input per second
    of wall time, and whether every worker count wrote the same bytes.
 2. Training at scale: for each ``--train-tokens`` size, a synthetic llm.c shard set of that
-   many tokens (shards of 100M tokens: random ids in the first and last MB of each, the rest a
+   many tokens (shards of 100M tokens: random ids of the tokenizer's vocabulary in the first and last MB of each, the rest a
    sparse hole that reads as token 0, so no disk is spent) is trained on for ``--steps``
    steps by a small model, in a fresh process. Reported: its peak resident size (the kernel's
    count for the process, ru_maxrss) and its start-up (process start to the end of the first
@@ -66,7 +66,7 @@ def prepare_throughput(args, work: Path) -> list[dict]:
     rows = []
     for workers in args.workers:
         out = work / f"prepared-{workers}"
-        command = ["txtrain-prepare", str(corpus), "--out", str(out), "--workers", str(workers),
+        command = [prepare_command(), str(corpus), "--out", str(out), "--workers", str(workers),
                    "--no-progress", "--tokenizer", args.tokenizer]
         if args.tokenizer_file:
             command += ["--tokenizer-file", args.tokenizer_file]
@@ -81,7 +81,13 @@ def prepare_throughput(args, work: Path) -> list[dict]:
     return rows
 
 
-def synthetic_shards(folder: Path, n_tokens: int, vocab: int = 50257) -> None:
+def prepare_command() -> str:
+    """The installed txtrain-prepare (beside this interpreter when it is a virtual env's)."""
+    beside = Path(sys.executable).with_name("txtrain-prepare")
+    return str(beside) if beside.is_file() else "txtrain-prepare"
+
+
+def synthetic_shards(folder: Path, n_tokens: int, vocab: int) -> None:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     edge = 500_000  # tokens of real ids at each end of a shard
@@ -106,10 +112,10 @@ def training_at_scale(args, work: Path) -> list[dict]:
     rows = []
     for n_tokens in args.train_tokens:
         folder = work / f"tokens-{n_tokens}"
-        synthetic_shards(folder, int(n_tokens))
+        synthetic_shards(folder, int(n_tokens), 256 if args.tokenizer == "bytes" else 50257)
         run_dir = work / f"run-{n_tokens}"
         command = [sys.executable, "-m", "txtrain", "task=text", f"task.data.path={folder}",
-                   "task.tokenizer=gpt2", f"train.steps={args.steps}", "train.eval_every=0",
+                   f"task.tokenizer={args.tokenizer}", f"train.steps={args.steps}", "train.eval_every=0",
                    "train.save_every=0", "task.sample_tokens=0", "task.eval_tokens=2048", "progress=false",
                    f"hydra.run.dir={run_dir}", *args.overrides]
         if args.tokenizer_file:
@@ -133,7 +139,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help="a folder of .txt files (prepare throughput)")
     parser.add_argument("--mb", type=float, default=200)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--tokenizer", default="gpt2")
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2 | bytes (the synthetic tokens' range too)")
     parser.add_argument("--tokenizer-file", default=None)
     parser.add_argument("--train-tokens", type=float, nargs="*", default=[1.2e6, 1e9])
     parser.add_argument("--steps", type=int, default=20)

@@ -1,8 +1,9 @@
 import os
 
 # One thread per test process, set before torch starts (and inherited by the runs the tests
-# start): test files run two at a time, and spinning thread pools of two processes on two cores
-# would slow both several times over. Tiny models gain nothing from a second thread anyway.
+# start): test files run several at a time, and spinning thread pools of several processes on
+# two cores would slow all of them several times over. Tiny models gain nothing from a second
+# thread anyway.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
@@ -40,6 +41,17 @@ def run_txtrain(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Compl
     """Run the real command line in a fresh process (forked with torch already imported: see
     forked.py)."""
     return forked.run(args, cwd, dict(os.environ, PYTHONWARNINGS="ignore"), timeout)[0]
+
+
+def run_ranks(*args: str, nproc: int = 2, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``txtrain *args`` as ``nproc`` ranks started as torchrun starts them, forked with torch
+    imported (forked.py); one outcome: the first failed rank's status (else 0), rank 0's
+    output, every rank's stderr. The launcher itself is tested under real torchrun."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    outcomes = forked.run(args, cwd, env, timeout, ranks=nproc)
+    status = next((o.returncode for o in outcomes if o.returncode != 0), 0)
+    stderr = "".join(f"[rank {rank}] {o.stderr}" for rank, o in enumerate(outcomes))
+    return subprocess.CompletedProcess(outcomes[0].args, status, outcomes[0].stdout, stderr)
 
 
 @pytest.fixture
@@ -85,3 +97,23 @@ def call_txtrain(*args: str) -> Outcome:
                 handler.close()
         root.handlers[:], root.level = handlers, level
     return Outcome(status, out.getvalue(), err.getvalue())
+
+
+def pytest_xdist_auto_num_workers(config):
+    """Two test processes per core (8 at most): about half of a test's time is spent waiting
+    (for its runs' processes to start, for the ranks of a group to meet, for a signal to land),
+    and a second process per core fills it."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
+# The test files that take longest, first. Test files are handed to the test processes in
+# collection order as each process frees up (pytest-xdist, --dist loadfile with
+# --no-loadscope-reorder): a long file handed out last would leave the others idle at the end.
+LONGEST_FIRST = ["test_parallel.py", "test_stopping_ddp.py", "test_launchers.py", "test_stopping.py",
+                 "test_training.py", "test_scripts.py", "test_gpu_check.py", "test_training.py", "test_experiments.py", "test_seq2seq.py",
+                 "test_bench.py", "test_reliability.py", "test_checkpoint_faults.py", "test_bad_input.py"]
+
+
+def pytest_collection_modifyitems(items):
+    order = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file keeps its order

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from conftest import SHARED
 from txtrain import prepare
 from txtrain.config import ConfigError
 from txtrain.tasks.documents import find_sources
-from txtrain.tasks.prepared import DATASET_FILE, JOURNAL_FILE, prepare_dataset
+from txtrain.tasks.prepared import DATASET_FILE, JOURNAL_FILE
 from txtrain.tasks.shards import TokenStream, read_shard_header
 from txtrain.tasks.tokenizers import build_tokenizer
 

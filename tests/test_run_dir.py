@@ -171,7 +171,7 @@ def test_a_stop_request_during_start_up_exits_75_and_leaves_no_run_dir(tmp_path)
 def test_our_own_traceback_lines_are_told_apart_wherever_the_checkout_and_its_venv_lie():
     """The most common layout: a checkout named txtrain with its venv inside it, so torch's own
     frames lie under .../txtrain/.venv/... (test_parallel.py reads torchrun's report this way)."""
-    from test_parallel import txtrain_frames
+    from test_launchers import txtrain_frames
     import txtrain
 
     package = Path(txtrain.__file__).resolve().parent

@@ -37,6 +37,9 @@ def smallest_runs(folder: Path) -> dict[str, list[str]]:
                       "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--seq-len", "8",
                       "--batch-size", "4", "--steps", "30", "--lr", "1e-2", "--warmup-steps", "1",
                       "--device", "cpu", "--json", "out.json"],
+        "data_bench": ["--corpus", str(corpus.parent), "--mb", "0.05", "--workers", "1", "2",
+                       "--tokenizer", "bytes", "--train-tokens", "20000", "--steps", "2", "--out", "out",
+                       *TINY_MODEL, "task.seq_len=16", "train.batch_size=4"],
         "step_profile": ["--no-defaults", "--steps", "1", "--rows", "5", *TINY_MODEL, "task.max_len=4",
                          "train.batch_size=8"],
     }
@@ -78,6 +81,17 @@ def table_rows(text: str) -> list[list[str]]:
     """The cells of every markdown table row, separator rows left out."""
     return [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in text.splitlines() if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_data_bench_measures_prepare_and_training_on_synthetic_shards(finished):
+    out, folder = finished("data_bench")
+    prepare, training = json.loads((folder / "out" / "data_bench.json").read_text()).values()
+    assert [row["workers"] for row in prepare] == [1, 2]
+    assert all(row["mb_per_s"] > 0 for row in prepare)
+    assert prepare[0]["output"] == prepare[1]["output"]  # the same bytes, whatever the workers
+    assert training[0]["tokens"] == 20000 and training[0]["peak_resident_mb"] > 0
+    assert 0 < training[0]["startup_s"] < 120
+    assert len(table_rows(out)) == (1 + 2) + (1 + 1)  # two tables: a header and a row per run
 
 
 def test_parity_prints_how_close_a_strategy_comes_to_one_process(finished):

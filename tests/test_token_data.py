@@ -221,3 +221,14 @@ def test_a_run_on_shards_resumes_exactly_under_another_layout(tmp_path):
                           f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_losses(tmp_path / "resumed", reference, 1e-4, range(7, 13))
+
+
+def test_the_gpt2_124m_recipe_is_half_a_million_tokens_a_step_of_gpt2_small():
+    from conftest import make_config
+
+    cfg = make_config("experiment=gpt2-124m", "task.data.path=data/web")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.dropout) == (12, 12, 768, 0.0)
+    assert cfg.train.batch_size * cfg.task.seq_len == 524_288 and cfg.task.tokenizer == "gpt2"
+    assert (cfg.optim.lr, cfg.optim.beta2, cfg.optim.weight_decay) == (6e-4, 0.95, 0.1)
+    assert (cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr_ratio) == (715, 19073, 0.1)
+    assert cfg.precision.name == "bf16"

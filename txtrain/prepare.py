@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"stopped: run the same command again to go on from the last finished shard",
+        print("stopped: run the same command again to go on from the last finished shard",
               file=sys.stderr)
         sys.exit(130)
     tokens, shards = description["tokens"], description["shards"]
