@@ -1,7 +1,8 @@
 """Finding a text corpus: a .txt file or a folder of them, or a download kept in the cache.
 
-Every mistake here (no such path, a folder without text, an empty or non-UTF-8 file, a
-failed or corrupted download) is a ``ConfigError``: one line that says what to do.
+Every mistake here (no such path, a folder without text, an empty corpus, a failed or
+corrupted download) is a ``ConfigError``: one line that says what to do. (Files that are not
+UTF-8 text are refused where they are read: ``documents.read_text_file``.)
 """
 
 from __future__ import annotations
