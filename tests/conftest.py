@@ -1,9 +1,8 @@
 import os
 
 # One thread per test process, set before torch starts (and inherited by the runs the tests
-# start): test files run several at a time, and spinning thread pools of several processes on
-# two cores would slow all of them several times over. Tiny models gain nothing from a second
-# thread anyway.
+# start): test files run one per core, and the spinning thread pools of two processes on two
+# cores would slow both several times over. Tiny models gain nothing from a second thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
@@ -97,13 +96,6 @@ def call_txtrain(*args: str) -> Outcome:
                 handler.close()
         root.handlers[:], root.level = handlers, level
     return Outcome(status, out.getvalue(), err.getvalue())
-
-
-def pytest_xdist_auto_num_workers(config):
-    """Two test processes per core (8 at most): about half of a test's time is spent waiting
-    (for its runs' processes to start, for the ranks of a group to meet, for a signal to land),
-    and a second process per core fills it."""
-    return min(8, 2 * (os.cpu_count() or 1))
 
 
 # The test files that take longest, first. Test files are handed to the test processes in

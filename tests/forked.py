@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.checkpoint", "txtrain.cli", "txtrain.train",
@@ -45,6 +46,9 @@ def child(command: str, args: list[str], cwd: str, env: dict, out: str, err: str
     import runpy
     import warnings
 
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a stalled run's stacks, on request
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -165,9 +169,33 @@ def run(args, cwd: Path, env: dict | None = None, timeout: float = 300, command:
 
     As under torchrun, the rendezvous store is the launcher's (this process's, on a port the
     system chose, so no other process can hold it), and the ranks connect to it; when one
-    rank fails, the others are stopped rather than left waiting for it."""
+    rank fails, the others are stopped rather than left waiting for it.
+
+    Now and then (about one full suite in eight) forked ranks stall with none failed,
+    a thing never seen of the same runs under torchrun; the cause is not found yet. A group
+    that makes no end within STALLED_S is stopped, its ranks' stacks are reported as a
+    warning (faulthandler, on SIGUSR2), and it runs once more from a clean run dir."""
     if ranks == 1:
         return [start(args, cwd, env, command).finish(timeout)]
+    outcomes, stalled = run_group(args, cwd, env, min(timeout, STALLED_S), command, ranks)
+    if stalled:
+        stacks = "\n".join(f"[rank {rank}] {o.stderr[-3000:]}" for rank, o in enumerate(outcomes))
+        warnings.warn(f"forked ranks of `{command} {' '.join(map(str, args))}` stalled; run again once. "
+                      f"Their stacks:\n{stacks}")
+        for arg in map(str, args):
+            if arg.startswith("hydra.run.dir="):
+                shutil.rmtree(Path(cwd) / arg.split("=", 1)[1], ignore_errors=True)
+        outcomes, _ = run_group(args, cwd, env, timeout, command, ranks)
+    return outcomes
+
+
+STALLED_S = 150  # a group of the tests' runs ends within a minute, even on a busy machine
+
+
+def run_group(args, cwd: Path, env: dict | None, timeout: float, command: str,
+              ranks: int) -> tuple[list[subprocess.CompletedProcess], bool]:
+    """One try of ``run``: the outcomes, and whether the group stalled (every rank still
+    running at ``timeout``, none failed)."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -175,19 +203,27 @@ def run(args, cwd: Path, env: dict | None = None, timeout: float = 300, command:
     store = TCPStore("127.0.0.1", 0, ranks, is_master=True, wait_for_workers=False,
                      timeout=timedelta(seconds=timeout))
     started = [start(args, cwd, env, command, rank, ranks, store.port) for rank in range(ranks)]
+    stalled = False
     try:
         deadline = time.monotonic() + timeout
-        while any(p.returncode is None for p in started) and time.monotonic() < deadline:
-            failed = [p for p in started if p.returncode not in (None, 0)]
-            if failed:  # give the others a moment to end on their own, then stop them
-                for process in started:
+        while any(p.returncode is None for p in started):
+            if any(p.returncode not in (None, 0) for p in started):
+                for process in started:  # give the others a moment to end on their own, then stop them
                     try:
                         process.wait(10)
                     except subprocess.TimeoutExpired:
                         process.kill()
                 break
+            if time.monotonic() > deadline:
+                stalled = all(p.returncode is None for p in started)
+                for process in started:
+                    process.send_signal(signal.SIGUSR2)  # faulthandler writes each thread's stack
+                time.sleep(2)
+                for process in started:
+                    process.kill()
+                break
             time.sleep(0.05)
-        return [process.finish(max(1.0, deadline - time.monotonic())) for process in started]
+        return [process.finish(60) for process in started], stalled
     finally:
         for process in started:
             if process.returncode is None:

@@ -184,7 +184,7 @@ OVERRIDES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OVERRIDES, min_size=1, max_size=4))
 def test_random_overrides_never_end_in_a_traceback(overrides):
