@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -229,9 +228,3 @@ def run_group(args, cwd: Path, env: dict | None, timeout: float, command: str,
             if process.returncode is None:
                 process.kill()
         del store
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

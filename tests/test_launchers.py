@@ -10,21 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import forked
 import txtrain
 from conftest import losses, run_txtrain
 from test_parallel import RUN, STEPS, assert_same_losses
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The launched runs' trajectory: one process, parallel=none."""
-    run_dir = tmp_path_factory.mktemp("none") / "run"
-    result = run_txtrain(*RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+from test_parallel import reference  # noqa: F401 (a fixture: the one-process run, made once here too)
 
 
 def free_port() -> int:

@@ -224,3 +224,31 @@ def test_sources_are_every_known_file_of_a_folder_in_name_order(tmp_path):
     assert names == ["a.jsonl", "b/1.jsonl.gz", "b/2.txt", "c.parquet"]
     with pytest.raises(ConfigError, match="reads .txt"):
         find_sources([str(tmp_path / "skip.md")])
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes_where_there_is_room(tmp_path):
+    """A real small filesystem (tmpfs, as root): the prepare stops in one line, keeps its
+    finished shards, and the same command finishes once there is room."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        documents = [f"document {i} " + "abcdefgh" * 300 for i in range(200)]  # about 500 kB of tokens
+        inputs = tmp_path / "in.jsonl"
+        inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents))
+        args = [inputs, "--out", disk / "out", "--tokenizer", "bytes", "--workers", 1, "--shard-tokens", 8000]
+        status, err = run_prepare(*args)
+        assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert "No space left" in err and "run the same command again" in err
+        assert not (disk / "out" / DATASET_FILE).exists()
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        status, err = run_prepare(*args)
+        assert status == 0, err
+        assert run_prepare(inputs, "--out", tmp_path / "whole", "--tokenizer", "bytes", "--workers", 1,
+                           "--shard-tokens", 8000)[0] == 0
+        for a, b in zip(sorted((tmp_path / "whole").iterdir()), sorted((disk / "out").iterdir()), strict=True):
+            assert a.name == b.name and a.read_bytes() == b.read_bytes(), a.name
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # a full disk, a folder it may not write
+        print(f"error: {error.strerror or error} ({error.filename or args.out}); the shards finished so "
+              "far are kept: make room and run the same command again", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("stopped: run the same command again to go on from the last finished shard",
               file=sys.stderr)

@@ -123,7 +123,6 @@ class ShardWriter:
         self.out, self.journal, self.dtype, self.size = out, journal, dtype, shard_tokens
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
-        self.max_id = max((shard["max_id"] for shard in journal["train"]), default=-1)
 
     def add(self, document: int, ids: np.ndarray, first: int = 0) -> None:
         """The ids of ``document`` from its token ``first`` on (after a resume, not 0)."""
@@ -137,9 +136,8 @@ class ShardWriter:
         shard, rest = tokens[:self.size], tokens[self.size:]
         name = shard_name("train", len(self.journal["train"]))
         sha = write_shard(self.out / name, shard.astype(self.dtype))
-        max_id = int(shard.max(initial=-1))
-        self.max_id = max(self.max_id, max_id)
-        self.journal["train"].append({"name": name, "tokens": len(shard), "sha256": sha, "max_id": max_id,
+        self.journal["train"].append({"name": name, "tokens": len(shard), "sha256": sha,
+                                      "max_id": int(shard.max(initial=-1)),
                                       "next": [document, written_of_document]})
         save_journal(self.out, self.journal)
         self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
@@ -277,7 +275,7 @@ def finish(out: Path, journal: dict, tokenizer: Tokenizer) -> dict:
                         "sha256": write_shard(out / name, tokens.astype(dtype))})
         journal["final"] = {"train_tokens": total - n_val, "val": val}
         save_journal(out, journal)
-    train = keep_first_tokens(out, journal["train"], journal["final"]["train_tokens"], tokenizer)
+    train = keep_first_tokens(out, journal["train"], journal["final"]["train_tokens"])
     val = journal["final"]["val"]
     description = {
         "format": FORMAT,
@@ -300,7 +298,7 @@ def strip(shard: dict) -> dict:
     return {key: shard[key] for key in ("name", "tokens", "sha256")}
 
 
-def keep_first_tokens(out: Path, shards: list[dict], n_tokens: int, tokenizer: Tokenizer) -> list[dict]:
+def keep_first_tokens(out: Path, shards: list[dict], n_tokens: int) -> list[dict]:
     """Cut the training shards to their first ``n_tokens`` tokens (the rest became validation):
     the shard across the cut is rewritten shorter, the ones after it removed."""
     kept, start = [], 0
@@ -310,14 +308,11 @@ def keep_first_tokens(out: Path, shards: list[dict], n_tokens: int, tokenizer: T
             path.unlink(missing_ok=True)
         elif start + shard["tokens"] > n_tokens:
             keep = n_tokens - start
-            header = read_shard_header(path)
-            if header.n_tokens != keep:  # not yet cut in an earlier try
-                tokens = np.array(np.memmap(path, dtype=header.dtype, mode="r", offset=header.offset,
-                                            shape=(header.n_tokens,))[:keep])
-                write_shard(path, tokens)
-            tokens = TokenStream([read_shard_header(path)]).read(0, keep)
-            kept.append({**shard, "tokens": keep, "max_id": int(tokens.max(initial=-1)),
-                         "sha256": file_sha256(path)})
+            current = read_shard_header(path)
+            tokens = TokenStream([current]).read(0, keep).astype(current.dtype)
+            # Cut it, unless an earlier try did: the tokens kept are the same either way.
+            sha = write_shard(path, tokens) if current.n_tokens != keep else file_sha256(path)
+            kept.append({**shard, "tokens": keep, "max_id": int(tokens.max()), "sha256": sha})
         else:
             kept.append(shard)
         start += shard["tokens"]
