@@ -63,7 +63,6 @@ CASES = {
     "pipeline micro-batches not dividing the batch": (
         ["parallel=pipeline", "model.tie_embeddings=false", "parallel.n_microbatches=5", "plan=true",
          "plan.world_size=2", "model.n_layer=2"], "parallel.n_microbatches=5"),
-    "pipeline with tied embeddings": (["parallel=pipeline"], "tie_embeddings=false"),
     "unknown pipeline schedule": (["parallel=pipeline", "parallel.schedule=zigzag"], "zigzag"),
     "stages per rank without interleaving": (["parallel=pipeline", "parallel.stages_per_rank=2"], "interleaved"),
     "zero fsdp replicas": (["parallel=fsdp", "parallel.replicate=0"], "replicate must be positive"),

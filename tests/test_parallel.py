@@ -17,9 +17,9 @@ from txtrain.model import Transformer
 from txtrain.resume import CheckpointMeta
 
 STEPS = 30
-# 4 blocks, so that a pipeline has 2 per rank (or 1 per stage, interleaved); untied embeddings,
-# which a pipeline cannot tie across its first and last stage; 13 symbols padded to 15 rows,
-# which FSDP splits unevenly (8 + 7).
+# 4 blocks, so that a pipeline has 2 per rank (or 1 per stage, interleaved); untied embeddings
+# (a pipeline's tied ones, held by its first and last stage, are test_pipeline_tied.py's); 13
+# symbols padded to 15 rows, which FSDP splits unevenly (8 + 7).
 RUN = [f"train.steps={STEPS}", "train.log_every=1", "train.save_every=15", "train.eval_every=10",
        "task.n_eval=100", "model.n_layer=4", "model.n_embd=64", "model.tie_embeddings=false",
        "model.vocab_multiple=5", "model.dropout=0", "precision=fp32", "progress=false"]

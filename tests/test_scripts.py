@@ -29,6 +29,9 @@ def smallest_runs(folder: Path) -> dict[str, list[str]]:
     return {
         "parity": ["--steps", "2", "--strategies", "pipeline 1f1b", "--extra", "device=cpu",
                    "model.n_embd=32", "model.n_head=2", "task.max_len=4"],
+        "dropout": ["--data", str(corpus), "--chars", "3000", "--steps", "4", "--dropouts", "0.0", "0.5",
+                    "--out", "out", "task.tokenizer=bytes", "task.seq_len=16", "model.max_seq_len=16",
+                    "train.eval_every=2", *TINY_MODEL],
         "positions": ["--train-len", "2", "--steps", "2", "--schemes", "rope", "--out", "out"],
         "scaling": ["--steps", "1", "--warmup", "1", "--tables", "seq_len", "--seq-lens", "16",
                     "--impls", "sdpa", "--out", "out", "task=text", f"task.data.path={corpus}",
@@ -92,6 +95,23 @@ def test_data_bench_measures_prepare_and_training_on_synthetic_shards(finished):
     assert training[0]["tokens"] == 20000 and training[0]["peak_resident_mb"] > 0
     assert 0 < training[0]["startup_s"] < 120
     assert len(table_rows(out)) == (1 + 2) + (1 + 1)  # two tables: a header and a row per run
+
+
+def test_dropout_tabulates_each_dropouts_losses_and_where_val_loss_turned(finished):
+    out, folder = finished("dropout")
+    assert re.search(r"dropout 0\.5: train [\d.]+ val [\d.]+ gap -?[\d.]+, best val [\d.]+ at step [24]", out), out
+    study = json.loads((folder / "out" / "dropout.json").read_text())
+    assert study["steps"] == 4 and study["train_tokens"] + study["val_tokens"] == 3000  # bytes: a token a character
+    assert [r["dropout"] for r in study["results"]] == [0.0, 0.5]
+    for r in study["results"]:
+        assert [e["step"] for e in r["evals"]] == [2, 4]
+        assert r["gap"] == pytest.approx(r["val_loss"] - r["train_loss"])
+        assert r["best_val_loss"] == min(e["val_loss"] for e in r["evals"])
+        assert r["still_improving"] == (r["best_step"] == 4)
+    rows = table_rows((folder / "out" / "dropout.md").read_text())
+    assert rows[0][:4] == ["dropout", "train loss", "val loss", "gap (val - train)"] and len(rows) == 3
+    assert rows[2][0] == "0.5" and rows[2][-1] in ("still improving", "step 2")
+    assert (folder / "out" / "dropout.png").stat().st_size > 0
 
 
 def test_parity_prints_how_close_a_strategy_comes_to_one_process(finished):

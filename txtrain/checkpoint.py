@@ -7,12 +7,15 @@ them back into any other: fsdp over 2 processes into one, a pipeline into ddp, .
 A save is written to a hidden temporary folder and renamed into place. ``checkpoints/latest``
 names the newest for people and other tools; txtrain itself goes by the step numbers in the
 names (a crash between a rename and the pointer's update would leave the pointer behind).
+Under ``train.patience``, ``checkpoints/best`` names the checkpoint of the best evaluation
+(``txtrain-sample --best``).
 
 ``manifest.json``, written last inside the folder, lists every file with its size and sha256,
 and the hash of the run's config (``resume.run_config``).
 Loading verifies it: a truncated or altered checkpoint is named as damaged, and ``resume=auto``
 falls back to the newest one that is whole. ``train.keep_last=K`` deletes all but the newest K
-after each save (the one just written, which is whole, always stays).
+after each save (the one just written, which is whole, always stays, and so does the one
+``best`` names).
 
 Under several processes every phase of a save or a load ends the same way on every rank
 (``collective.agree``): a save that fails anywhere (a full disk) is reported by all ranks,
@@ -40,6 +43,7 @@ from txtrain.config import ConfigError, TrainingStopped
 from txtrain.digest import file_sha256
 
 POINTER = "latest"
+BEST_POINTER = "best"  # train.patience: the checkpoint of the best evaluation
 STATE_DIR = "state"
 META_FILE = "meta.pt"
 MANIFEST = "manifest.json"
@@ -97,9 +101,10 @@ class Checkpoints:
         self.last_written: Path | None = None  # by this process, at its step: no need to write it again
 
     def save(self, step: int, state: dict, meta: dict, warn: Callable[[str], None] = lambda line: None,
-             config_hash: str | None = None) -> Path:
+             config_hash: str | None = None, best_step: int | None = None) -> Path:
         """Write the checkpoint of ``step`` (replacing one of the same step from an earlier run,
-        safely): ``state``, ``meta`` as its meta.pt, and ``config_hash`` in its manifest. A
+        safely): ``state``, ``meta`` as its meta.pt, and ``config_hash`` in its manifest;
+        ``best_step``: the step of the best evaluation so far, for the ``best`` pointer. A
         failure on any rank is a ``SaveFailed`` on every rank, with the same message, and leaves
         the earlier checkpoints as they were. After it is published, whatever goes wrong tidying
         up (the pointer, deleting old checkpoints) only ``warn``s."""
@@ -122,7 +127,7 @@ class Checkpoints:
                              f"checkpoint ({self.latest() or 'none yet'}) is intact") from failure
         self.last_written = final
         if self.is_main:
-            self.tidy(final, warn)
+            self.tidy(final, warn, best_step)
         return final
 
     def on_main(self, function: Callable, *args) -> Callable[[], None]:
@@ -149,25 +154,38 @@ class Checkpoints:
                 os.replace(aside, final)  # as it was
             raise
 
-    def tidy(self, final: Path, warn: Callable[[str], None]) -> None:
-        """On rank 0, after ``final`` is published: point ``latest`` at it and delete the
-        checkpoints it makes obsolete. The new checkpoint is whole whatever happens here, so a
-        failure is a warning."""
+    def tidy(self, final: Path, warn: Callable[[str], None], best_step: int | None = None) -> None:
+        """On rank 0, after ``final`` is published: point ``latest`` at it, delete the
+        checkpoints it makes obsolete and point ``best`` at the best one (before pruning,
+        which spares it). The new checkpoint is whole whatever happens here, so a failure is
+        a warning."""
         for what, action in (("updating the 'latest' pointer", lambda: self.point_to(final)),
                              ("deleting a replaced run's checkpoints", lambda: self.remove_replaced(final, warn)),
+                             ("updating the 'best' pointer", lambda: self.point_best(best_step)),
                              ("deleting old checkpoints (train.keep_last)", lambda: self.prune(warn))):
             try:
                 action()
             except Exception as error:
                 warn(f"{what} after saving {final.name} failed ({describe_failure(error)})")
 
-    def point_to(self, final: Path) -> None:
-        pointer_tmp = self.directory / f".{POINTER}.tmp"
+    def point_to(self, final: Path, pointer: str = POINTER) -> None:
+        """Write ``pointer`` (a file naming ``final``) whole or not at all."""
+        pointer_tmp = self.directory / f".{pointer}.tmp"
         try:
             pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.directory / POINTER)
+            os.replace(pointer_tmp, self.directory / pointer)
         finally:
             pointer_tmp.unlink(missing_ok=True)
+
+    def point_best(self, best_step: int | None) -> None:
+        """Name the checkpoint of ``best_step`` in ``best``. Where it is not on disk (its save
+        failed) the pointer keeps naming the best one that is, unless that is gone too
+        (deleted with a run this one replaced): then there is no pointer."""
+        folder = None if best_step is None else self.directory / step_dir_name(best_step)
+        if folder is not None and folder.is_dir():
+            self.point_to(folder, BEST_POINTER)
+        elif self.best() is None:
+            (self.directory / BEST_POINTER).unlink(missing_ok=True)
 
     def remove_replaced(self, final: Path, warn: Callable[[str], None]) -> None:
         """This run came to ``final``'s step from an earlier one: checkpoints past it (and the
@@ -181,9 +199,11 @@ class Checkpoints:
                  f"{final.name}, which this run has replaced")
 
     def prune(self, warn: Callable[[str], None]) -> None:
-        """Keep the newest ``keep_last`` checkpoints (the newest was just written whole)."""
+        """Keep the newest ``keep_last`` checkpoints (the newest was just written whole), and
+        the one ``best`` names."""
         if self.keep_last > 0:
-            self.remove(self.saved()[: -self.keep_last], warn)
+            best = self.best()
+            self.remove([path for path in self.saved()[: -self.keep_last] if path != best], warn)
 
     def remove(self, folders: list[Path], warn: Callable[[str], None]) -> None:
         for folder in folders:
@@ -220,6 +240,15 @@ class Checkpoints:
         """The newest checkpoint, by step (not verified: see ``newest_whole``)."""
         saved = self.saved()
         return saved[-1] if saved else None
+
+    def best(self) -> Path | None:
+        """The checkpoint that ``best`` names (train.patience), if there is one."""
+        try:
+            name = (self.directory / BEST_POINTER).read_text().strip()
+        except FileNotFoundError:
+            return None
+        folder = self.directory / name
+        return folder if step_of(folder) is not None and folder.is_dir() else None
 
     def newest_whole(self) -> tuple[Path | None, list[str]]:
         """The newest checkpoint that verifies, and a line for each damaged one passed over."""
@@ -345,6 +374,19 @@ def look_for_checkpoint(resume: str, run_dir: Path) -> tuple:
     return "found", None if path is None else str(path), tuple(logged)
 
 
+def best_checkpoint(path: Path) -> Path:
+    """The checkpoint that ``best`` names in a run dir or its checkpoints folder (``txtrain-sample
+    --best``)."""
+    for folder in (path / "checkpoints", path):
+        if (folder / BEST_POINTER).is_file():
+            best = Checkpoints(folder).best()
+            if best is None:
+                raise ConfigError(f"{folder / BEST_POINTER} names no checkpoint that is there")
+            return best
+    raise ConfigError(f"{path}: no best checkpoint (checkpoints/{BEST_POINTER}); a run keeps one "
+                      "when it trains with train.patience")
+
+
 def describe_verdict(verdict: tuple) -> str:
     kind, found, _ = verdict
     if kind == "found":
@@ -391,6 +433,9 @@ def agreed_load(path: Path, phase: str, action: Callable):
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into a plain (unwrapped, unsharded) model."""
-    state = {"model": model.state_dict()}
+    from txtrain.model.base import tied_aliases
+
+    aliases = tied_aliases(model)
+    state = {"model": {k: v for k, v in model.state_dict().items() if k not in aliases}}
     load_state(path, state)
-    model.load_state_dict(state["model"])
+    model.load_state_dict({**state["model"], **{alias: state["model"][name] for alias, name in aliases.items()}})

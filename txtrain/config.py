@@ -52,6 +52,7 @@ class Pos(Choice):
 
 class Arch(Choice):
     gpt = "gpt"
+    encoder = "encoder"  # BERT: bidirectional, trained to fill masked tokens
     encoder_decoder = "encoder_decoder"
 
 
@@ -202,9 +203,11 @@ class TextTaskConfig(TaskConfig):
     sample_tokens: int = 200
     temperature: float = 0.8  # 0: always the likeliest token
     top_k: Optional[int] = 40
+    mask_fraction: float = 0.15  # model.arch=encoder: the share of positions to recover (BERT's 15%)
 
     def __post_init__(self) -> None:
         require_positive("task", seq_len=self.seq_len)
+        require(0 < self.mask_fraction < 1, f"task.mask_fraction must be in (0, 1), got {self.mask_fraction}")
         require(self.tokenizer_file is None or self.tokenizer not in ("bytes", "char"),
                 f"task.tokenizer_file works with task.tokenizer=gpt2, not {self.tokenizer} "
                 "(which needs no file)")
@@ -284,6 +287,8 @@ class TrainConfig:
     stop_signal: Optional[str] = None  # also stop gracefully on this signal (SLURM's --signal: SIGUSR1)
     eval_batch_size: int = 500
     skip_nonfinite: int = 0  # 0: stop at a non-finite loss; K: skip up to K such steps in a row
+    patience: Optional[int] = None  # stop after K evaluations without improving the task's main metric
+    min_delta: float = 0.0  # what counts as improving (train.patience): by more than this
 
     def __post_init__(self) -> None:
         require_positive("train", steps=self.steps, batch_size=self.batch_size,
@@ -297,6 +302,11 @@ class TrainConfig:
                 f"train.stop_signal={self.stop_signal} is not a signal name (SIGUSR1, SIGTERM, ...)")
         require(self.grad_clip >= 0, "train.grad_clip must not be negative")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        require(self.patience is None or self.patience >= 0, "train.patience must not be negative")
+        require(not self.patience or self.eval_every > 0,
+                f"train.patience={self.patience} counts evaluations, but train.eval_every=0 evaluates only "
+                "at the end; set train.eval_every")
+        require(self.min_delta >= 0, f"train.min_delta must not be negative, got {self.min_delta}")
 
 
 @dataclass
@@ -345,7 +355,11 @@ class Config:
         seq2seq = self.model.arch == Arch.encoder_decoder
         require(not (seq2seq and isinstance(self.task, TextTaskConfig)),
                 "model.arch=encoder_decoder needs a source and a target: train it on copy, "
-                "reverse or fibonacci; the text task is for model.arch=gpt")
+                "reverse or fibonacci; the text task is for model.arch=gpt or encoder")
+        require(self.model.arch != Arch.encoder or isinstance(self.task, TextTaskConfig),
+                "model.arch=encoder learns to fill masked tokens of text: train it on a text task "
+                "(task=text or task=socrates); copy, reverse and fibonacci are for gpt and "
+                "encoder_decoder")
 
 
 def register_configs() -> None:

@@ -3,9 +3,9 @@
 Parameters, gradients and optimizer state are exact. The model is built on the meta device
 (shapes, no storage, so even gpt2-xl costs nothing) and each parameter is placed where the
 strategy's placement (``txtrain.parallel.specs``) says: whole on every rank, cut into shards,
-or kept by the rank whose pipeline stage owns it. The placement also says how the batch splits
-into micro-batches, how many of them a rank holds at once, and what buffers of its own it keeps;
-this module knows no strategy by name.
+or kept by the rank whose pipeline stage owns it (a tied embedding by the first stage's and the
+last's). The placement also says how the batch splits into micro-batches, how many of them a
+rank holds at once, and what buffers of its own it keeps; this module knows no strategy by name.
 
 Activations are an estimate for one micro-batch at the task's longest sequence, from what each
 layer saves for backward (counted by hooking ``saved_tensors_hooks``, see the tests):
@@ -112,8 +112,9 @@ def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: nn.Modul
               rank: int) -> RankPlan:
     blocks = placement.blocks(rank, list(model.blocks))
     params = dict(model.named_parameters())  # a tied embedding appears once
+    names = parameter_names(model)
     local = {name: placement.numel_held(p.shape, rank) for name, p in params.items()
-             if holds(placement, rank, blocks, name)}
+             if any(holds(placement, rank, blocks, alias) for alias in names[name])}
     param_bytes = sum(n * params[name].element_size() for name, n in local.items())
     trainable = {name: n for name, n in local.items() if params[name].requires_grad}
     grad_bytes = sum(n * params[name].element_size() for name, n in trainable.items())
@@ -138,6 +139,15 @@ def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: nn.Modul
     update = grad_bytes + placement.gradient_buffer_bytes(grad_bytes) + 2 * largest
     return RankPlan(rank, param_bytes, grad_bytes, optimizer, buffers, activations, without_ckpt,
                     with_ckpt, loss, param_bytes + optimizer + max(forward_backward, update))
+
+
+def parameter_names(model: nn.Module) -> dict[str, list[str]]:
+    """Every name of each parameter, keyed by its first. A tied embedding is also the head's
+    weight: a rank that holds either holds it (a pipeline's first and last stage each do)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {aliases[0]: aliases for aliases in names.values()}
 
 
 def holds(placement: Placement, rank: int, blocks: list[str], name: str) -> bool:
@@ -353,7 +363,7 @@ def plan_only(cfg: Config) -> list[str]:
     if cfg.parallel.multi_process:
         world = cfg.plan.world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.launch.nproc_per_node
     check_world_size(cfg, cfg.parallel.placement(world))
-    task = build_task(cfg.task, cfg.seed, cfg.progress, model_class(cfg.model).needs_sources)
+    task = build_task(cfg.task, cfg.seed, cfg.progress, model_class(cfg.model))
     device = pick_device(cfg.device)
     layout = Layout(world, task.vocab_size, task.max_seq_len, device.type)
     return report(cfg, layout, plan_memory(cfg, layout),

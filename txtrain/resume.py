@@ -47,7 +47,7 @@ MAY_CHANGE = (
     "precision.tf32", "model.impl", "model.activation_checkpointing",
     "train.steps", "train.micro_batch_size", "train.log_every", "train.eval_every",
     "train.save_every", "train.keep_last", "train.stop_signal", "train.eval_batch_size",
-    "train.skip_nonfinite",
+    "train.skip_nonfinite", "train.patience", "train.min_delta",
     # where the data is read from and how the run is evaluated and sampled, not what it learns
     "task.data", "task.cache_dir", "task.tokenizer_file", "task.eval_tokens", "task.prompts",
     "task.sample_tokens", "task.temperature", "task.top_k", "task.n_eval", "task.eval_min_len",
@@ -79,6 +79,7 @@ class CheckpointMeta:
     config_hash: str
     vocab_size: int
     codec: dict  # the task's tokenizer: sampling needs no data, only the checkpoint
+    early_stopping: dict = dataclasses.field(default_factory=dict)  # EarlyStopping.state_dict(); {}: none
 
     @classmethod
     def load(cls, path: Path) -> CheckpointMeta:
@@ -278,10 +279,11 @@ def log_files(run_dir: Path) -> set[Path]:
                                        and Path(handler.baseFilename).parent == here}
 
 
-def finished_result(run_dir: Path, strategy, step: int, steps: int) -> dict | None:
-    """The recorded result of a run that has already reached ``steps`` (the same command run
-    again): nothing is trained, and its run.json stays as it is. None otherwise."""
-    if step < steps:
+def finished_result(run_dir: Path, strategy, step: int, steps: int, stopped_early: bool = False) -> dict | None:
+    """The recorded result of a run that has already reached ``steps`` or stopped early (the
+    same command run again): nothing is trained, and its run.json stays as it is. None
+    otherwise."""
+    if step < steps and not stopped_early:
         return None
     result = None
     if strategy.is_main:
@@ -291,7 +293,7 @@ def finished_result(run_dir: Path, strategy, step: int, steps: int) -> dict | No
             pass  # no record of its end (it stopped after its last save): evaluate again
     result = strategy.gather(result)[0]  # every rank takes the same path
     if result is not None and strategy.is_main:
-        logging.getLogger("txtrain").info(
-            f"nothing to train: the run is at step {step} and train.steps={steps}; raise "
-            "train.steps to continue it")
+        why = (f"the run ran out of train.patience at step {step}; raise train.patience" if step < steps
+               else f"the run is at step {step} and train.steps={steps}; raise train.steps")
+        logging.getLogger("txtrain").info(f"nothing to train: {why} to continue it")
     return result

@@ -5,6 +5,13 @@
 
 The argument is a run dir (its latest checkpoint), a checkpoints folder or one checkpoint.
 A checkpoint holds the model's config and its task's tokenizer, so no corpus is needed.
+A GPT continues the prompt; an encoder-decoder reads it as its source and prints its answer;
+an encoder (``model.arch=encoder``) fills each ``[MASK]`` of the prompt and prints the
+``--fills`` likeliest tokens for it with their probabilities:
+
+    txtrain-sample <bert run dir> --prompt "SOCRATES: And what is [MASK]?"
+Sampling keeps a key/value cache (``--no-cache``: rerun the model over the whole window at
+every token, to compare; the tokens are the same).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 import torch
 
 from txtrain.config import ConfigError, ModelConfig
-from txtrain.generate import complete
+from txtrain.generate import ModelLogits, draw_text
 from txtrain.tasks.base import Sampling
 
 
@@ -31,17 +38,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--best", action="store_true", help="the best checkpoint (train.patience), not the latest")
     parser.add_argument("--tokenizer-file", default=None,
                         help="where the GPT-2 ranks are now, if not where training read them")
+    parser.add_argument("--fills", type=int, default=5, help="an encoder: the likeliest tokens shown per mask")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="rerun the model over the whole window at every token (slower, the same tokens)")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1 or args.fills < 1:
         parser.error("--max-new-tokens, --temperature and --top-k must not be negative, "
-                     "--num-samples must be positive")
+                     "--num-samples and --fills must be positive")
     return args
 
 
 def load_model(path: Path, device: torch.device):
-    """The model and the task's codec of the checkpoint at (or under) ``path``."""
+    """The model and the meta of the checkpoint at (or under) ``path``, and the checkpoint."""
     from txtrain.checkpoint import find_checkpoint, load_model_weights
     from txtrain.model import model_class
     from txtrain.resume import CheckpointMeta
@@ -51,9 +62,6 @@ def load_model(path: Path, device: torch.device):
     checkpoint = find_checkpoint(str(path), Path("."), named=str(path))
     meta = CheckpointMeta.load(checkpoint)
     model_config = ModelConfig(**meta.model_config)
-    if model_class(model_config).needs_sources:
-        raise ConfigError(f"{checkpoint} holds model.arch={model_config.arch}, which also reads a "
-                          "source; txtrain-sample continues prompts with a GPT (model.arch=gpt)")
     model = model_class(model_config)(model_config, meta.vocab_size)
     load_model_weights(checkpoint, model)
     return model.to(device).eval(), meta, checkpoint
@@ -66,29 +74,67 @@ def check_prompt_fits(prompt_tokens: int, context: int) -> None:
                           f"{context} (its model.max_seq_len); shorten the prompt")
 
 
+def answer(model, device: torch.device, codec, prompt: str, sampling: Sampling, seed: int,
+           with_cache: bool) -> str:
+    """A GPT's continuation of ``prompt``, or an encoder-decoder's answer to it, as text."""
+    ids, context = codec.encode(prompt), model.cfg.max_seq_len
+    if not model.needs_sources:
+        return draw_text(ModelLogits(model, device, with_cache=with_cache), codec, ids, sampling,
+                         seed, context)
+    # The prompt is the source; the decoder starts from SEP, as in training. Only the
+    # synthetic tasks train an encoder-decoder (config.py refuses it on text).
+    from txtrain.tasks.synthetic import SEP
+
+    next_logits = ModelLogits(model, device, sources=torch.tensor([ids]), with_cache=with_cache)
+    return draw_text(next_logits, codec, [SEP], sampling, seed, context)
+
+
+def check_prompt_has_masks(prompt: str, codec) -> None:
+    if codec.spelling not in prompt:
+        raise ConfigError(f"this checkpoint is an encoder: it fills masks, and the prompt has no "
+                          f"{codec.spelling}; write one where a token is missing")
+
+
+def print_fills(model, device: torch.device, codec, prompt: str, fills: int) -> None:
+    """The prompt with each mask filled by its likeliest token, then each mask's ``fills``
+    likeliest tokens and their probabilities."""
+    from txtrain.tasks.masked import fill_masks
+
+    with torch.no_grad():
+        choices = fill_masks(model, codec, prompt, fills, device)
+    pieces = prompt.split(codec.spelling)
+    print("".join(piece + (f"[{choices[i][0][0].strip() or choices[i][0][0]}]" if i < len(choices) else "")
+                  for i, piece in enumerate(pieces)))
+    for i, options in enumerate(choices, start=1):
+        print(f"{codec.spelling} {i}: " + " | ".join(f"{text!r} {p:.3f}" for text, p in options))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from txtrain.checkpoint import best_checkpoint
     from txtrain.parallel.base import pick_device
     from txtrain.tasks import codec_from_checkpoint
 
     try:
         device = pick_device(args.device)
+        args.checkpoint = best_checkpoint(Path(args.checkpoint)) if args.best else args.checkpoint
         model, meta, checkpoint = load_model(Path(args.checkpoint), device)
         codec = codec_from_checkpoint(meta.as_dict(), args.tokenizer_file)
         context = model.cfg.max_seq_len
         check_prompt_fits(len(codec.encode(args.prompt)), context)  # before any work
+        if model.objective == "masked":
+            check_prompt_has_masks(args.prompt, codec)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"# {checkpoint} (step {meta.step})", file=sys.stderr)
+    if model.objective == "masked":
+        print_fills(model, device, codec, args.prompt, args.fills)
+        return
     sampling = Sampling([args.prompt], args.max_new_tokens, args.temperature, args.top_k or None)
-
-    def next_logits(inputs: torch.Tensor) -> torch.Tensor:
-        return model(inputs.to(device), last_only=True)
-
     with torch.no_grad():
         for i in range(args.num_samples):
-            text = complete(next_logits, codec, args.prompt, sampling, args.seed + i, context)
+            text = answer(model, device, codec, args.prompt, sampling, args.seed + i, not args.no_cache)
             separator = " -> " if meta.codec["kind"] == "synthetic" else ""
             print(f"{args.prompt}{separator}{text}", flush=True)
             if i + 1 < args.num_samples:

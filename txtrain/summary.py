@@ -3,7 +3,9 @@
 The table goes to the terminal as Markdown and into the sweep dir as ``summary.md`` and
 ``summary.csv``. Columns: the overrides that differ between runs, then the final training
 loss, the best evaluation (highest exact_match, or lowest val_loss / eval_loss), tokens per
-second and wall time.
+second and wall time. A run trained with ``train.patience`` shows its best checkpoint's step
+and metric, as its run.json records them (the best by more than ``train.min_delta``: the
+checkpoint ``txtrain-sample --best`` loads), and whether it stopped early.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def summarize(run_dir: Path, overrides: list[str], keys: list[str]) -> dict:
     given = dict(o.partition("=")[::2] for o in overrides)
     row = {key: given.get(key, "") for key in keys}
     row["final_loss"] = metrics[-1]["loss"] if metrics else None
-    metric = next((m for m in BEST if evals and m in evals[0]), None)
-    if metric is not None:
+    if "best_step" in info:  # train.patience: the run's own verdict, which names its best checkpoint
+        row[f"best_{info['main_metric']}"] = info["best_metric"]
+        row["best_at_step"] = info["best_step"]
+        row["stopped_early"] = info["stopped_early"]
+    elif (metric := next((m for m in BEST if evals and m in evals[0]), None)) is not None:
         best = BEST[metric](evals, key=lambda e: e[metric])
         row[f"best_{metric}"] = best[metric]
         row["best_at_step"] = best["step"]

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from txtrain.allocator import keep_freed_memory
 from txtrain.checkpoint import Checkpoints, SaveFailed
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
+from txtrain.early_stop import EarlyStopping
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
 from txtrain.model import build_model, model_class
@@ -41,7 +42,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress, model_class(cfg.model).needs_sources)
+        self.task: Task = build_task(cfg.task, cfg.seed, cfg.progress, model_class(cfg.model))
         check_model_fits_task(cfg.model, self.task)
         self.strategy = build_strategy(cfg, self.task.max_seq_len)
         self.device = self.strategy.device
@@ -74,6 +75,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.skipped_steps = 0  # steps not taken: non-finite loss or gradients
         self.nonfinite_in_a_row = 0
+        self.early_stop = EarlyStopping(self.task.main_metric, cfg.train.patience, cfg.train.min_delta)
         self.resume_warnings: list[str] = []  # damaged checkpoints passed over, config changes
         self.resumed_from = self.resume()
         self.first_step = self.step
@@ -81,7 +83,8 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         train = self.cfg.train
-        if (finished := finished_result(self.run_dir, self.strategy, self.step, train.steps)) is not None:
+        if (finished := finished_result(self.run_dir, self.strategy, self.step, train.steps,
+                                        self.early_stop.should_stop)) is not None:
             return finished
         log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps,
                      tensorboard=self.cfg.logger == "tensorboard")
@@ -91,7 +94,7 @@ class Trainer:
         started, tokens_at_start = time.perf_counter(), self.tokens
         speed = Speed(self.tokens, self.step)
         with StopRequests(train.stop_signal) as stop:  # SIGTERM, Ctrl-C: save, then leave
-            while self.step < train.steps:
+            while self.step < train.steps and not self.early_stop.should_stop:
                 data_step = 0 if self.cfg.debug.overfit_batch else self.step
                 with speed.waiting_for_data():
                     batch = self.task.train_batch(data_step, train.batch_size)
@@ -116,10 +119,14 @@ class Trainer:
                         self.stop_here(log, stop.received)
                     if is_due(self.step, train.eval_every, train.steps):
                         self.evaluate(log)
-                    if is_due(self.step, train.save_every, train.steps):
+                    best_or_last = self.early_stop.wants_checkpoint(self.step)  # (train.patience)
+                    if best_or_last or is_due(self.step, train.save_every, train.steps):
                         self.save(log)
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
+            if self.early_stop.wants_checkpoint(self.step):
+                self.save(log)
+        self.report_early_stop(log)
         self.report_memory(log)
         seconds = time.perf_counter() - started
         summary = {**self.last_eval, "step": self.step, "loss": self.last_loss,
@@ -133,6 +140,16 @@ class Trainer:
         saved = self.save(log)
         log.close()
         raise Interrupted(self.step, signal_name, saved, self.checkpoints.latest())
+
+    def report_early_stop(self, log: RunLog) -> None:
+        """Under train.patience: why the run stopped, if it stopped early, and its best
+        evaluation (the checkpoint ``best`` names), into the log and run.json."""
+        if not self.early_stop.enabled:
+            return
+        stopped_early = self.step < self.cfg.train.steps  # the loop ends early only for this
+        if stopped_early:
+            log.info(self.early_stop.describe_stop(self.step))
+        log.run_info(stopped_early=stopped_early, **self.early_stop.record())
 
     def finish(self, log: RunLog, summary: dict) -> None:
         """The result into run.json, and the curves into loss.png."""
@@ -209,6 +226,7 @@ class Trainer:
             samples = self.generate_samples()
         self.model.train()
         self.last_eval = {"step": self.step, **results}
+        self.early_stop.update(self.step, results)
         log.eval(self.last_eval)
         log.samples(self.step, samples)
         return self.last_eval
@@ -245,9 +263,11 @@ class Trainer:
             nonfinite_in_a_row=self.nonfinite_in_a_row, schedule_steps=self.cfg.train.steps,
             precision=self.precision.state_dict(), model_config=plain(self.cfg.model),
             run_config=self.run_config, config_hash=config_hash(self.run_config),
-            vocab_size=self.task.vocab_size, codec=self.task.codec.state())
+            vocab_size=self.task.vocab_size, codec=self.task.codec.state(),
+            early_stopping=self.early_stop.state_dict())
         state = self.strategy.state_dict(self.model, self.optimizer)
-        return self.checkpoints.save(self.step, state, meta.as_dict(), warn, meta.config_hash)
+        return self.checkpoints.save(self.step, state, meta.as_dict(), warn, meta.config_hash,
+                                     best_step=self.early_stop.best_step)
 
     def resume(self) -> Path | None:
         """Continue from the checkpoint that cfg.resume finds, if any: its weights, optimizer
@@ -263,6 +283,8 @@ class Trainer:
         self.last_eval, self.skipped_steps, self.nonfinite_in_a_row = (meta.last_eval, meta.skipped_steps,
                                                                        meta.nonfinite_in_a_row)
         self.precision.load_state_dict(meta.precision)
+        if self.cfg.resume == "auto":  # a checkpoint named by path: its best is another run dir's
+            self.early_stop.load_state_dict(meta.early_stopping)
         restore_rank_rng(meta.rng, self.strategy.rank, self.cfg.seed, self.step, self.device)
         self.resume_warnings += schedule_change(self.cfg, meta)
         return path

@@ -29,10 +29,16 @@ class LanguageModel(nn.Module):
     - ``blocks``: an nn.ModuleDict of all its blocks, in the order they run;
     - ``final_norm`` and ``head``: the last hidden states' norm and the output projection, as
       wide as the embedding table (the same matrix when ``cfg.tie_embeddings``);
-    - ``embed(idx)``: token ids to first hidden states, and ``logits(x)``: last hidden states
-      to logits, with the padded rows sliced off so that they never touch the loss;
+    - ``embed(idx, start=0)``: token ids to first hidden states (``start``: the position of
+      the first token), and ``logits(x)``: last hidden states to logits, with the padded rows
+      sliced off so that they never touch the loss;
     - ``forward(..., last_only=False)``: with ``last_only``, the logits of the last position
-      only, (B, V): sampling needs no more;
+      only, (B, V): sampling needs no more. A class that sets ``takes_cache`` (the GPT, the
+      encoder-decoder) also takes ``cache=None``, a ``KVCache`` (model/attention.py) kept
+      between generation steps: ``idx`` then holds only the positions after the cached
+      ones, whose keys and values are read from the cache, and theirs are added to it, so
+      a new token costs one position instead of a rerun of the sequence. Without a cache
+      (training, evaluation) nothing changes;
     - ``num_parameters()``, and ``describe(cfg)``: the layers a config builds, in words,
       without building them.
 
@@ -48,10 +54,16 @@ class LanguageModel(nn.Module):
       some of them (txtrain.parallel.stage) runs them as they are;
     - ``needs_sources``, known before the model is built (``model_class(cfg)``): the task
       then batches a source apart from the target (``Batch.sources``), and the model cannot
-      be split into pipeline stages nor continue a bare prompt.
+      be split into pipeline stages nor continue a bare prompt (txtrain-sample reads the
+      prompt as its source);
+    - ``objective``, also known before: "next" (predict each next token: the GPT, the
+      encoder-decoder's decoder) or "masked" (recover masked tokens from both sides: the
+      encoder), which decides the batches the task makes.
     """
 
     needs_sources: ClassVar[bool] = False
+    objective: ClassVar[str] = "next"
+    takes_cache: ClassVar[bool] = False  # forward(..., cache=KVCache) for fast generation
     cfg: ModelConfig
     vocab_size: int
     blocks: nn.ModuleDict
@@ -87,14 +99,15 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * residual_layers))
 
     # --- tokens in, logits out --------------------------------------------------------------
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``start``: the position of ``idx``'s first token (past a KVCache's positions)."""
         x = self.token_embedding(idx)
         if self.cfg.pos == "sinusoidal":
             # As in the 2017 paper: scale the embeddings so the fixed encodings, of size ~1,
             # do not drown the tokens (which start at std 0.02).
             x = x * math.sqrt(self.cfg.n_embd)
         if self.positions is not None:
-            x = x + self.positions(idx.shape[1], idx.device)
+            x = x + self.positions(idx.shape[1], idx.device, start)
         return self.dropout(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,3 +136,16 @@ def init_module(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """The second names of parameters that appear twice (a tied head: ``head.weight`` ->
+    ``token_embedding.weight``). Checkpoints keep such a parameter once, under its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases

@@ -16,11 +16,12 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.table = nn.Embedding(max_len, dim)
 
-    def forward(self, length: int, device: torch.device) -> torch.Tensor:
-        if length > self.table.num_embeddings:
-            raise ValueError(f"sequence of {length} tokens is longer than the learned position "
+    def forward(self, length: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        """The encodings of positions start .. start + length - 1."""
+        if start + length > self.table.num_embeddings:
+            raise ValueError(f"sequence of {start + length} tokens is longer than the learned position "
                              f"table ({self.table.num_embeddings}); raise model.max_seq_len")
-        return self.table(torch.arange(length, device=device))
+        return self.table(torch.arange(start, start + length, device=device))
 
 
 def sinusoid_table(length: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -42,10 +43,12 @@ class SinusoidalPositions(nn.Module):
         self.dim = dim
         self.register_buffer("cache", torch.zeros(0, dim), persistent=False)
 
-    def forward(self, length: int, device: torch.device) -> torch.Tensor:
-        if self.cache.shape[0] < length or self.cache.device != device:
-            self.cache = sinusoid_table(max(length, 2 * self.cache.shape[0]), self.dim, device)
-        return self.cache[:length]
+    def forward(self, length: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        """The encodings of positions start .. start + length - 1."""
+        end = start + length
+        if self.cache.shape[0] < end or self.cache.device != device:
+            self.cache = sinusoid_table(max(end, 2 * self.cache.shape[0]), self.dim, device)
+        return self.cache[start:end]
 
 
 class Rotary(nn.Module):
@@ -59,8 +62,9 @@ class Rotary(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
         self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
-    def angles(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(length, dtype=torch.float32, device=device)
+    def angles(self, length: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of positions start .. start + length - 1, (T, D/2) each."""
+        t = torch.arange(start, start + length, dtype=torch.float32, device=device)
         freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2)
         return freqs.cos(), freqs.sin()
 

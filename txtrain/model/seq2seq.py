@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from txtrain.config import ModelConfig
-from txtrain.model.attention import MultiHeadAttention
+from txtrain.model.attention import KVCache, LayerCache, MultiHeadAttention
 from txtrain.model.base import LanguageModel
 from txtrain.model.positions import Rotary
 from txtrain.model.transformer import Block
@@ -30,13 +30,16 @@ class DecoderBlock(Block):
         # have no common origin.
         self.cross = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias, cfg.impl)
 
-    def body(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
+             cache: LayerCache | None = None, cross_cache: LayerCache | None = None) -> torch.Tensor:
+        """``cache``, ``cross_cache``: the self- and cross-attention's keys and values of
+        earlier generation steps (the cross-attention's are the source's, computed once)."""
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x))
-            x = x + self.cross(self.cross_norm(x), memory, causal=False, mask=memory_mask)
+            x = x + self.attn(self.attn_norm(x), cache=cache)
+            x = x + self.cross(self.cross_norm(x), memory, causal=False, mask=memory_mask, cache=cross_cache)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x))
-        x = self.cross_norm(x + self.cross(x, memory, causal=False, mask=memory_mask))
+        x = self.attn_norm(x + self.attn(x, cache=cache))
+        x = self.cross_norm(x + self.cross(x, memory, causal=False, mask=memory_mask, cache=cross_cache))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -49,6 +52,7 @@ class EncoderDecoder(LanguageModel):
     """
 
     needs_sources = True
+    takes_cache = True
 
     @classmethod
     def describe(cls, cfg: ModelConfig) -> str:
@@ -75,10 +79,22 @@ class EncoderDecoder(LanguageModel):
                 x = block(x, causal=False, mask=mask)
         return self.encoder_norm(x), mask
 
-    def forward(self, idx: torch.Tensor, sources: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        memory, memory_mask = self.encode(sources)
-        x = self.embed(idx)
+    def forward(self, idx: torch.Tensor, sources: torch.Tensor, last_only: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """With a ``cache``, ``idx`` continues the target positions it holds, and the source is
+        encoded, and its keys and values projected, at the first step only."""
+        memory, memory_mask = self.encoded(sources, cache)
+        x = self.embed(idx, 0 if cache is None else cache.grow(idx.shape[1]))
         for name, block in self.blocks.items():
             if name.startswith("dec_"):
-                x = block(x, memory, memory_mask)
+                caches = (None, None) if cache is None else (cache.layer(name), cache.layer(f"{name}.cross"))
+                x = block(x, memory, memory_mask, *caches)
         return self.logits(x[:, -1] if last_only else x)
+
+    def encoded(self, sources: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode(sources)``, kept in the cache when there is one."""
+        if cache is None:
+            return self.encode(sources)
+        if cache.memory is None:
+            cache.memory = self.encode(sources)
+        return cache.memory

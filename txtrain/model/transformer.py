@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from txtrain.config import ModelConfig
-from txtrain.model.attention import MultiHeadAttention
+from txtrain.model.attention import KVCache, LayerCache, MultiHeadAttention
 from txtrain.model.base import LanguageModel
 from txtrain.model.positions import Rotary
 
@@ -47,12 +47,14 @@ class Block(nn.Module):
             return checkpoint(self.body, x, *args, use_reentrant=False, **kwargs)
         return self.body(x, *args, **kwargs)
 
-    def body(self, x: torch.Tensor, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``causal=False`` and a key ``mask``: the encoder's bidirectional self-attention."""
+    def body(self, x: torch.Tensor, causal: bool = True, mask: torch.Tensor | None = None,
+             cache: LayerCache | None = None) -> torch.Tensor:
+        """``causal=False`` and a key ``mask``: the encoder's bidirectional self-attention.
+        ``cache``: the attention's keys and values of earlier generation steps."""
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), causal=causal, mask=mask)
+            x = x + self.attn(self.attn_norm(x), causal=causal, mask=mask, cache=cache)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x, causal=causal, mask=mask))
+        x = self.attn_norm(x + self.attn(x, causal=causal, mask=mask, cache=cache))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -63,6 +65,8 @@ class Transformer(LanguageModel):
     ``cfg.vocab_multiple`` rows, sliced off the logits (see LanguageModel).
     """
 
+    takes_cache = True
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         rotary = self.add_input_layers(cfg, vocab_size)
@@ -72,10 +76,12 @@ class Transformer(LanguageModel):
         self.add_output_layers(cfg)
         self.init_weights(residual_layers=cfg.n_layer)
 
-    def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, last_only: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V); with ``last_only``, those of the last position only, (B, V):
-        sampling needs no more, and the head is the costliest matmul of a small model."""
-        x = self.embed(idx)
-        for block in self.blocks.values():
-            x = block(x)
+        sampling needs no more, and the head is the costliest matmul of a small model.
+        With a ``cache``, ``idx`` continues the positions it holds (generation)."""
+        x = self.embed(idx, 0 if cache is None else cache.grow(idx.shape[1]))
+        for name, block in self.blocks.items():
+            x = block(x, cache=None if cache is None else cache.layer(name))
         return self.logits(x[:, -1] if last_only else x)

@@ -22,6 +22,8 @@ from torch import nn
 
 from txtrain.config import Config, ConfigError
 from txtrain.distributed import require_launched
+from txtrain.generate import ModelLogits
+from txtrain.model.base import tied_aliases
 from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import Precision
 from txtrain.tasks.base import Batch
@@ -137,17 +139,17 @@ class Strategy:
 
     def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
         """``run(next_logits)`` samples through ``next_logits`` (the logits of the last position
-        only); every rank must draw the same tokens. Every rank runs the model (FSDP gathers
-        weights in it), then all draw from rank 0's logits: ranks whose logits differed in the
-        last bit could draw different tokens, and then their collectives would no longer match."""
-        def next_logits(inputs: torch.Tensor) -> torch.Tensor:
-            logits = model(inputs.to(self.device), last_only=True)
+        only), with a key/value cache where the model takes one (``generate.ModelLogits``);
+        every rank must draw the same tokens. Every rank runs the model (FSDP gathers weights
+        in it), then all draw from rank 0's logits: ranks whose logits differed in the last
+        bit could draw different tokens, and then their collectives would no longer match."""
+        def share(logits: torch.Tensor) -> torch.Tensor:
             if self.world_size > 1:
                 logits = logits.float().contiguous()
                 dist.broadcast(logits, src=0)
             return logits
 
-        return run(next_logits)
+        return run(ModelLogits(model, self.device, share=share))
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -157,12 +159,17 @@ class Strategy:
 
         model_state, optim_state = get_state_dict(self.unwrap(model), optimizer,
                                                   options=state_dict_options())
+        for alias in tied_aliases(self.unwrap(model)):  # a tied matrix is saved once
+            del model_state[alias]
         return {"model": model_state, "optimizer": optim_state}
 
     def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.unwrap(model), optimizer, model_state_dict=state["model"],
+        model_state = dict(state["model"])
+        for alias, name in tied_aliases(self.unwrap(model)).items():
+            model_state[alias] = model_state[name]
+        set_state_dict(self.unwrap(model), optimizer, model_state_dict=model_state,
                        optim_state_dict=state["optimizer"], options=state_dict_options())
 
     def gather(self, obj: object) -> list:

@@ -2,9 +2,16 @@
 
 The blocks are split into consecutive stages, one per rank (or ``stages_per_rank`` per rank,
 round-robin, for the interleaved schedule); the first stage also holds the embeddings, the
-last the final norm and the head (``specs.Stages`` says which rank holds what). Each rank keeps the Transformer with only its own parts, so
-parameter names, and with them checkpoints, are those of the whole model. A step's batch runs
-through the stages as ``n_microbatches`` micro-batches in the order the schedule dictates.
+last the final norm and the head (``specs.Stages`` says which rank holds what). Each rank
+keeps the Transformer with only its own parts, so parameter names, and with them checkpoints,
+are those of the whole model. A step's batch runs through the stages as ``n_microbatches``
+micro-batches in the order the schedule dictates.
+
+A tied embedding matrix is held as Megatron-LM holds it: the first stage's rank as the
+embedding, the last's as the head's weight, both from the same initial values (every rank
+builds the whole model from the same seed). After backward the two ranks sum its gradient
+over a group of their own, so both take the same update; the global gradient norm counts it
+once, and a checkpoint keeps its optimizer state once, under the whole model's name.
 
 A stage sizes the activations it exchanges from the first batch it runs, and receives every
 later one into buffers of that shape: a batch of any other shape would come out wrong (or
@@ -66,9 +73,10 @@ class Pipeline(Strategy):
         stage_blocks = self.placement.stage_blocks(list(model.blocks))
         chunks = [ModelSlice(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1)
                   for s in self.my_stages]
-        model = ModelSlice(model, self.placement.blocks(self.rank, list(model.blocks)),
-                           first=self.is_first, last=self.is_last).to(self.device)
-        self.vocab_size = model.vocab_size
+        mine = ModelSlice(model, self.placement.blocks(self.rank, list(model.blocks)),
+                          first=self.is_first, last=self.is_last).to(self.device)
+        self.vocab_size = mine.vocab_size
+        self.share_tied_weights(model, mine)
         self.chunks = chunks  # one per stage of this rank: evaluation builds stages of them later
         # Losses are already divided by the step's global target count: no further scaling.
         self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(),
@@ -76,7 +84,22 @@ class Pipeline(Strategy):
                                             scale_grads=False)
         # (stages, schedule) by input shape, micro-batches and autocast; see forward_only
         self.eval_schedules: dict[tuple, tuple[list[PipelineStage], object]] = {}
-        return model
+        return mine
+
+    def share_tied_weights(self, whole: nn.Module, mine: ModelSlice) -> None:
+        """Find what this rank holds of a tied embedding, and the group of the ranks that hold it
+        (made on every rank, as torch requires, even those outside it)."""
+        tied = whole.head.weight is whole.token_embedding.weight
+        ranks = self.placement.embedding_ranks()
+        self.tied_group = dist.new_group(ranks) if tied and len(ranks) > 1 else None
+        held = [p for p in mine.parameters() if p is whole.token_embedding.weight]
+        self.tied = held if self.tied_group is not None else []
+        # The last stage holds it as head.weight: its name in the whole model (and one
+        # process's checkpoints) is the embedding's. The first stage counts it in the norm.
+        names = {id(p): name for name, p in whole.named_parameters()}
+        self.renamed = {name: names[id(p)] for name, p in mine.named_parameters()
+                        if names[id(p)] != name}
+        self.mirrors = {id(p) for name, p in mine.named_parameters() if name in self.renamed}
 
     def new_stages(self) -> list[PipelineStage]:
         """Fresh stages of this rank's chunks (they share the chunks' parameters)."""
@@ -114,15 +137,47 @@ class Pipeline(Strategy):
         with precision.autocast():
             # Only the losses are needed: the last stage neither keeps nor merges the logits.
             self.train_schedule.step(*args, return_outputs=False, **targets)
+        self.sum_tied_gradients()
         if not losses:
             return torch.zeros((), device=self.device)
         return precision.unscale_loss(torch.stack(losses).sum().detach())
+
+    def sum_tied_gradients(self) -> None:
+        """A tied matrix's gradient is the embedding's part (first stage) plus the head's
+        (last stage): both ranks add them up, so both take the same update."""
+        for param in self.tied:
+            dist.all_reduce(param.grad, group=self.tied_group)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        # A tied matrix's gradient, on two ranks, counts once: on the first stage's.
+        counted = [p.grad for p in params if id(p) not in self.mirrors]
+        norm = self.global_norm(nn.utils.get_total_norm(counted))
+        if max_norm > 0:
+            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         # Each rank holds different parameters: add the squares of the stages' norms.
         squared = local_norm.to(self.device) ** 2
         dist.all_reduce(squared)
         return squared.sqrt()
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        # The last stage's copy of a tied matrix, and its optimizer state, take the whole
+        # model's name, under which the first stage saves the same values: the checkpoint
+        # holds them once, as one process's does.
+        state = super().state_dict(model, optimizer)
+        return {"model": {self.renamed.get(k, k): v for k, v in state["model"].items()},
+                "optimizer": rename_optimizer_state(state["optimizer"], self.renamed)}
+
+    def load_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict) -> None:
+        back = {new: old for old, new in self.renamed.items()}
+        super().load_state_dict(model, optimizer, {
+            "model": {back.get(k, k): v for k, v in state["model"].items()},
+            "optimizer": rename_optimizer_state(state["optimizer"], back)})
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
@@ -182,3 +237,15 @@ class Pipeline(Strategy):
             self.eval_schedules[key] = stages, self.schedule(schedule_class, stages, n_microbatches)
         return self.eval_schedules[key]
 
+
+def rename_optimizer_state(state: dict, names: dict[str, str]) -> dict:
+    """Flattened optimizer state (``state.<param>.exp_avg``, ``param_groups.<param>.lr``) with
+    the parameters in ``names`` under their new names."""
+    def new_key(key: str) -> str:
+        kind, rest = key.split(".", 1)
+        for old, new in names.items():
+            if rest.startswith(f"{old}."):
+                return f"{kind}.{new}{rest[len(old):]}"
+        return key
+
+    return {new_key(key): value for key, value in state.items()} if names else state

@@ -85,12 +85,9 @@ class PipelineConfig(ParallelConfig):
                     "needs parallel.schedule=interleaved")
 
     def check_run(self, cfg: Config) -> None:
-        require(cfg.model.arch != "encoder_decoder",
-                "parallel=pipeline splits model.arch=gpt only; train the encoder-decoder with "
-                "parallel=none, dp, ddp or fsdp")
-        require(not cfg.model.tie_embeddings,
-                "parallel=pipeline cannot tie the input and output embeddings (they live on the "
-                "first and last stage); set model.tie_embeddings=false")
+        require(cfg.model.arch == "gpt",
+                f"parallel=pipeline splits model.arch=gpt only; train model.arch={cfg.model.arch} "
+                "with parallel=none, dp, ddp or fsdp")
 
 
 # --- placements: what each rank holds and runs ---------------------------------------------------
@@ -238,8 +235,9 @@ class Shards(Placement):
 class Stages(Placement):
     """``pipeline``: the blocks split into consecutive stages, stage i on rank i % world_size
     (rank r holds stages r, r + world_size, ... when interleaved); the embeddings on the first
-    stage, the final norm and the head on the last. The whole batch runs through the stages in
-    ``parallel.n_microbatches`` parts."""
+    stage, the final norm and the head on the last. A tied embedding matrix is held by both (as
+    Megatron-LM does), their gradients summed before each update. The whole batch runs through
+    the stages in ``parallel.n_microbatches`` parts."""
 
     multi_process = True
     min_ranks = 2
@@ -270,6 +268,12 @@ class Stages(Placement):
 
     def holds_head(self, rank: int) -> bool:
         return rank == self.last_rank
+
+    def embedding_ranks(self) -> list[int]:
+        """The ranks that hold a tied embedding matrix: the first stage's and the last's (one
+        rank, if it holds both)."""
+        return sorted({rank for rank in range(self.world_size)
+                       if self.holds_embeddings(rank) or self.holds_head(rank)})
 
     def micro_batch_size(self, global_batch: int, requested: int | None) -> int:
         n_microbatches = self.cfg.n_microbatches

@@ -25,12 +25,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_task(cfg, seed: int, progress: bool = True, seq2seq: bool = False) -> Task:
-    """``seq2seq``: batches for the encoder-decoder (a source, and the target apart)."""
+def build_task(cfg, seed: int, progress: bool = True, model: type | None = None) -> Task:
+    """The task's batches for the ``model`` class (``txtrain.model.model_class``) that will
+    read them: a source apart from the target for the encoder-decoder (``needs_sources``),
+    masked windows for the encoder (``objective == "masked"``), next tokens otherwise."""
+    seq2seq = getattr(model, "needs_sources", False)
     if isinstance(cfg, SyntheticTaskConfig):
         from txtrain.tasks.synthetic import SyntheticTask
 
         return SyntheticTask(cfg, seed, seq2seq)
+    if isinstance(cfg, TextTaskConfig) and getattr(model, "objective", "next") == "masked":
+        from txtrain.tasks.masked import MaskedTextTask
+
+        return MaskedTextTask(cfg, seed, progress)
     if isinstance(cfg, TextTaskConfig):
         from txtrain.tasks.text import TextTask
 

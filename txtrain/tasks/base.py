@@ -100,6 +100,7 @@ class Task(Protocol):
     max_seq_len: int  # the longest input the task will ever feed the model
     codec: Codec
     sampling: Sampling | None  # None: no samples.txt
+    main_metric: tuple[str, str]  # what early stopping watches: (a key of evaluate's, "min" | "max")
 
     def describe(self) -> str: ...
 

@@ -24,6 +24,8 @@ HELD_OUT_SEED = "held-out"  # the held-out set is the same for every run seed
 
 
 class SyntheticTask:
+    main_metric = ("exact_match", "max")  # what train.patience watches: (evaluate's key, up or down)
+
     def __init__(self, cfg: SyntheticTaskConfig, seed: int, seq2seq: bool = False):
         self.cfg = cfg
         self.seed = seed

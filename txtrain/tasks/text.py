@@ -32,6 +32,8 @@ EVAL_LOGITS_BUDGET = 1 << 26
 
 
 class TextTask:
+    main_metric = ("val_loss", "min")  # what train.patience watches: (evaluate's key, up or down)
+
     def __init__(self, cfg: TextTaskConfig, seed: int, progress: bool = True):
         self.cfg = cfg
         self.seed = seed

@@ -161,6 +161,49 @@ def build_tokenizer(name: str, file: str | None = None, corpus_text: str | None 
     return TiktokenTokenizer(name, file)
 
 
+class MaskedTokenizer:
+    """A tokenizer with one more token, the mask, spelled ``[MASK]`` in text: what the encoder
+    learns to fill (``model.arch=encoder``). Its id is the next after the tokenizer's own, so
+    the data's ids are unchanged.
+
+    A mask stands for one token. GPT-2's tokens carry the space before a word (" justice"), so
+    the space before a ``[MASK]`` belongs to the mask: "What is [MASK]?" asks for a token such
+    as " justice". Under bytes and char a mask is one byte or character.
+    """
+
+    spelling = "[MASK]"
+
+    def __init__(self, base: Tokenizer):
+        self.base = base
+        self.name = f"{base.name}+mask"
+        self.mask_id = base.vocab_size
+        self.vocab_size = base.vocab_size + 1
+        self.end_of_text = base.end_of_text
+        self.space_joins_word = isinstance(base, TiktokenTokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        *before_masks, last = text.split(self.spelling)
+        ids: list[int] = []
+        for piece in before_masks:
+            if self.space_joins_word and piece.endswith(" "):
+                piece = piece[:-1]
+            ids += self.base.encode(piece) + [self.mask_id]
+        return ids + self.base.encode(last)
+
+    def decode(self, ids: list[int]) -> str:
+        pieces, run = [], []
+        for token in ids:
+            if token == self.mask_id:
+                pieces += [self.base.decode(run), self.spelling]
+                run = []
+            else:
+                run.append(token)
+        return "".join(pieces) + self.base.decode(run)
+
+    def state(self) -> dict:
+        return {"kind": "masked", "base": self.base.state()}
+
+
 def ranks_sha256(encoding) -> str | None:
     """The sha256 of an encoding's ranks written as a .tiktoken file (for GPT-2's ranks, the
     file's own sha256), wherever they were read from."""
@@ -178,6 +221,8 @@ def from_state(state: dict, file: str | None = None) -> Tokenizer:
     Ranks read from a file that has since moved come from tiktoken's cache instead, if it holds
     the same ranks."""
     kind = state["kind"]
+    if kind == "masked":
+        return MaskedTokenizer(from_state(state["base"], file))
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "char":
