@@ -102,8 +102,10 @@ def call_txtrain(*args: str) -> Outcome:
 # collection order as each process frees up (pytest-xdist, --dist loadfile with
 # --no-loadscope-reorder): a long file handed out last would leave the others idle at the end.
 LONGEST_FIRST = ["test_parallel.py", "test_stopping_ddp.py", "test_launchers.py", "test_stopping.py",
-                 "test_training.py", "test_scripts.py", "test_gpu_check.py", "test_training.py", "test_experiments.py", "test_seq2seq.py",
-                 "test_bench.py", "test_reliability.py", "test_checkpoint_faults.py", "test_bad_input.py"]
+                 "test_training.py", "test_masked_lm.py", "test_pipeline_tied.py", "test_scripts.py",
+                 "test_gpu_check.py", "test_experiments.py", "test_seq2seq.py", "test_early_stopping.py",
+                 "test_export.py", "test_bench.py", "test_reliability.py", "test_checkpoint_faults.py",
+                 "test_bad_input.py"]
 
 
 def pytest_collection_modifyitems(items):

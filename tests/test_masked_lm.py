@@ -13,11 +13,13 @@ import torch
 
 import forked
 from conftest import losses, run_ranks, run_txtrain
+from test_text import GPT2_RANKS, needs_gpt2_ranks
 from txtrain.config import ConfigError, CorpusConfig, ModelConfig, TextTaskConfig
 from txtrain.model import Encoder
 from txtrain.tasks import IGNORE_INDEX, build_task
 from txtrain.tasks.masked import MaskedTextTask
-from txtrain.tasks.tokenizers import ByteTokenizer, CharTokenizer, MaskedTokenizer, from_state
+from txtrain.tasks.tokenizers import (ByteTokenizer, CharTokenizer, MaskedTokenizer, TiktokenTokenizer,
+                                      from_state)
 
 DIALOGUE = "SOCRATES: What is virtue, Meno?\nMENO: I do not know.\n" * 60
 
@@ -75,6 +77,15 @@ def test_the_mask_token_extends_every_tokenizer_and_survives_a_checkpoint():
         ids = codec.encode("ab [MASK] c?[MASK]")
         assert ids.count(codec.mask_id) == 2 and codec.decode(ids) == "ab [MASK] c?[MASK]"
         assert from_state(codec.state()).encode("a[MASK]") == ids[:1] + [codec.mask_id]
+
+
+@needs_gpt2_ranks
+def test_a_gpt2_mask_takes_the_space_before_it_as_gpt2_words_do():
+    base = TiktokenTokenizer("gpt2", str(GPT2_RANKS))
+    codec = MaskedTokenizer(base)
+    assert codec.mask_id == 50257 and codec.vocab_size == 50258
+    assert codec.encode("What is [MASK]?") == base.encode("What is") + [50257] + base.encode("?")
+    assert base.decode(base.encode(" justice")) == " justice"  # the token the mask stands for
 
 
 # --- the encoder ------------------------------------------------------------------------------------

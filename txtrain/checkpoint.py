@@ -21,12 +21,20 @@ Under several processes every phase of a save or a load ends the same way on eve
 (``collective.agree``): a save that fails anywhere (a full disk) is reported by all ranks,
 which train on from the previous checkpoints, left as they were; a load that fails anywhere
 stops all ranks with the same one-line error. None is left waiting for another.
+
+Loading runs no code from the checkpoint: ``meta.pt`` is read with ``weights_only``, and the
+state's ``.metadata``, which torch.distributed.checkpoint writes and reads as a plain pickle,
+is read through ``MetadataUnpickler``, which admits only the classes such metadata is made of.
+A checkpoint whose metadata names anything else is refused (``UnsafeCheckpoint``) before
+anything of it is unpickled by torch.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -53,6 +61,11 @@ REPLACED = ".old"  # `.step_000500.old`: a checkpoint moved aside while its step
 
 class DamagedCheckpoint(ConfigError):
     """A checkpoint whose files do not match its manifest (or that has none)."""
+
+
+class UnsafeCheckpoint(DamagedCheckpoint):
+    """A checkpoint whose state metadata would run code (or build objects no metadata holds)
+    when unpickled."""
 
 
 class SaveFailed(Exception):
@@ -299,6 +312,7 @@ def verify(folder: Path) -> None:
         if file_sha256(path) != expected["sha256"]:
             raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {name} does not match the "
                                     "checksum in its manifest")
+    check_metadata(folder)
 
 
 def find_checkpoint(resume: str, run_dir: Path, log: Callable[[str], None] = lambda line: None,
@@ -409,16 +423,14 @@ def read_state(path: Path, state: dict) -> None:
     with single_process_is_fine():
         from torch.distributed import checkpoint as dcp
 
-        dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=safe_reader(path / STATE_DIR), no_dist=not dist.is_initialized())
 
 
 def load_state_keys(path: Path) -> set[str]:
     """The keys of the tensors and values in a checkpoint's state (``optimizer.state.<name>.exp_avg``),
     read on every rank; one that cannot read them stops them all (``LoadFailed``)."""
     def read_keys() -> set[str]:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        return set(FileSystemReader(str(path / STATE_DIR)).read_metadata().state_dict_metadata)
+        return set(read_metadata(path / STATE_DIR).state_dict_metadata)
 
     return agreed_load(path, "reading the list of its saved state", read_keys)
 
@@ -439,3 +451,79 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     state = {"model": {k: v for k, v in model.state_dict().items() if k not in aliases}}
     load_state(path, state)
     model.load_state_dict({**state["model"], **{alias: state["model"][name] for alias, name in aliases.items()}})
+
+
+# --- the state's metadata, unpickled without running code ---------------------------------------
+METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's pickled index of the state
+METADATA_CLASSES = {  # what torch.distributed.checkpoint's metadata is made of (torch 2.6 - 2.13)
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},  # and the dtypes (below)
+    "torch.serialization": {"_get_layout"},  # torch.strided from its name
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path", "PurePath"},
+    "pathlib._local": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path", "PurePath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "int", "float", "str", "bytes", "bool"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a ``.metadata`` file admitting only ``METADATA_CLASSES`` and torch's dtypes:
+    what a pickle names is all it can call, so a file naming ``os.system`` or ``builtins.exec``
+    is refused before anything of it runs."""
+
+    def find_class(self, module: str, name: str):
+        allowed = name in METADATA_CLASSES.get(module, ())
+        if module == "torch" and not allowed:  # vars(): torch's lazy __getattr__ would import
+            allowed = isinstance(vars(torch).get(name), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_metadata(state_dir: Path):
+    """The torch.distributed.checkpoint ``Metadata`` of ``state_dir``, read with
+    ``MetadataUnpickler``; ``UnsafeCheckpoint`` where it names anything else."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    data = (state_dir / METADATA_FILE).read_bytes()
+    try:
+        metadata = MetadataUnpickler(io.BytesIO(data)).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not a Metadata")
+        for info in (metadata.storage_data or {}).values():  # the shards it reads: here, by name
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise pickle.UnpicklingError(f"it names a shard outside {STATE_DIR}/ ({name!r})")
+    except Exception as error:  # pickle's errors are many: UnpicklingError, EOFError, ...
+        reason = str(error) if isinstance(error, pickle.UnpicklingError) else describe_failure(error)
+        raise UnsafeCheckpoint(
+            f"refusing checkpoint {state_dir.parent}: its {STATE_DIR}/{METADATA_FILE} is not plain "
+            f"checkpoint metadata ({reason}); unpickling it could run code. Load only checkpoints "
+            "you trust; share models as safetensors (txtrain-export)") from None
+    return metadata
+
+
+def check_metadata(folder: Path) -> None:
+    """Refuse (``UnsafeCheckpoint``) a checkpoint whose state metadata would run code."""
+    if (folder / STATE_DIR / METADATA_FILE).is_file():
+        read_metadata(folder / STATE_DIR)
+
+
+def safe_reader(state_dir: Path):
+    """A torch.distributed.checkpoint reader of ``state_dir`` whose metadata is read with
+    ``MetadataUnpickler`` (torch's own reads it with a plain ``pickle.load``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_metadata(state_dir)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(state_dir))
