@@ -243,8 +243,8 @@ def run_txtrain(overrides: list[str], run_dir: Path, warmup: int) -> dict:
             "data_wait": statistics.mean(r["data_wait"] for r in timed),
             "startup_s": json.loads((run_dir / "run.json").read_text()).get("startup_s"),
             "peak_memory_bytes": memory["measured_peak"] if on_cuda else max_rss,
-            # txtrain's own figures: the peak over training steps only (evaluation and saving
-            # left out), and what its planner predicted
+            # txtrain's own figures: its measured peak (CUDA: over training steps only; CPU: the
+            # process's whole run, as max_rss) and what its planner predicted
             "training_peak_bytes": memory["measured_peak"], "planned_peak_bytes": memory["planned"]["peak"],
             "losses": [r["loss"] for r in records]}
 

@@ -8,8 +8,8 @@ Each cell trains a few steps in a fresh process (two under torchrun for a strate
 one process per device) and reports, per rank (the busiest): the planner's estimate, and the
 measured peak. On CUDA that is ``torch.cuda.max_memory_allocated``. On a CPU there are two:
 the allocator's own peak, read from a memory profile of the whole run (what the plan
-predicts), and the process's peak resident size above its start, which adds the C library's
-and kernels' slack.
+predicts), and the process's peak resident size over the whole run (the OS's maximum
+resident size), which adds the interpreter, the libraries and the C library's slack.
 """
 
 from __future__ import annotations

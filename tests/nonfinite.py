@@ -2,6 +2,8 @@
 them): the loss of such a step is multiplied by NaN, so its gradients are NaN too, as in a run
 that diverged there. Steps count from 1, as the logs count them."""
 
+import dataclasses
+
 from txtrain.train import Trainer
 
 
@@ -18,8 +20,9 @@ def nan_loss_at(trainer: Trainer, steps) -> Trainer:
     return trainer
 
 
-def times_nan(loss_fn):
-    return lambda logits, targets: float("nan") * loss_fn(logits, targets)
+def times_nan(loss):
+    """The step's loss (a TokenLoss: the sum over targets / divide_by) divided by NaN."""
+    return dataclasses.replace(loss, divide_by=float("nan"))
 
 
 def nan_loss_in_every_trainer(monkeypatch, steps) -> None:

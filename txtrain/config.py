@@ -92,6 +92,7 @@ class OptimizerName(Choice):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
+    muon = "muon"  # Muon for the blocks' 2-D matrices, AdamW for the rest (txtrain/optim.py)
 
 
 class ScheduleName(Choice):
@@ -99,6 +100,11 @@ class ScheduleName(Choice):
     cosine = "cosine"
     noam = "noam"
     wsd = "wsd"
+
+
+# schedule=wsd: how the learning rate falls over the decay: linear, or 1-sqrt (1 - sqrt of the
+# progress; Hägele et al., 2024). Built by call, since "1-sqrt" is no Python name.
+DecayShape = Choice("DecayShape", {"linear": "linear", "1-sqrt": "1-sqrt"})
 
 
 @dataclass
@@ -249,10 +255,14 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-8
-    momentum: float = 0.9  # sgd only
+    momentum: float = 0.9  # sgd; muon: the Muon matrices' (Nesterov) momentum
+    # muon: the peak learning rate of the blocks' 2-D matrices (Muon's orthogonalised update);
+    # optim.lr, beta1/2 and eps are the AdamW part's (embeddings, head, norms, biases). The
+    # schedule scales both alike.
+    muon_lr: float = 0.02
 
     def __post_init__(self) -> None:
-        require_positive("optim", lr=self.lr, eps=self.eps)
+        require_positive("optim", lr=self.lr, eps=self.eps, muon_lr=self.muon_lr)
         require(self.weight_decay >= 0, "optim.weight_decay must not be negative")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
         require(0 <= self.momentum < 1, "optim.momentum must be in [0, 1)")
@@ -264,6 +274,7 @@ class ScheduleConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine, wsd: the floor, as a fraction of optim.lr
     decay_fraction: float = 0.2  # wsd: the share of the steps after warmup spent decaying
+    decay_shape: DecayShape = DecayShape.linear  # wsd: linear or 1-sqrt down to the floor
 
     def __post_init__(self) -> None:
         require(self.warmup_steps >= 0, "schedule.warmup_steps must not be negative")
@@ -280,6 +291,10 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None  # per rank and forward pass; None: no accumulation
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     label_smoothing: float = 0.0
+    # The head and the loss run over this many tokens at a time, their logits recomputed in
+    # backward: the whole (tokens x vocabulary) logits never exist (model/chunked_loss.py).
+    # 0: the plain path (whole logits, F.cross_entropy).
+    loss_chunk_tokens: int = 512
     log_every: int = 10
     eval_every: int = 250  # 0: only at the end
     save_every: int = 500  # 0: only at the end
@@ -302,6 +317,7 @@ class TrainConfig:
                 f"train.stop_signal={self.stop_signal} is not a signal name (SIGUSR1, SIGTERM, ...)")
         require(self.grad_clip >= 0, "train.grad_clip must not be negative")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        require(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens must not be negative (0: off)")
         require(self.patience is None or self.patience >= 0, "train.patience must not be negative")
         require(not self.patience or self.eval_every > 0,
                 f"train.patience={self.patience} counts evaluations, but train.eval_every=0 evaluates only "
@@ -348,6 +364,7 @@ class Config:
     progress: bool = True  # progress bar, shown only on a terminal
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each block (the first steps pay for compiling)
+    keep_freed_memory: bool = True  # CPU: glibc reuses freed big blocks (faster steps, more resident memory)
     logger: Logger = Logger.jsonl  # tensorboard: also TensorBoard event files (JSONL stays on)
 
     def __post_init__(self) -> None:  # checks across groups

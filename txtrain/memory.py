@@ -1,11 +1,21 @@
 """Measuring memory: what the model and optimizer hold, and the peak a run reaches.
 
 The planner (``planner.py``) predicts; this module checks. ``held_bytes`` counts the tensors
-themselves (this rank's shards of sharded ones). ``PeakMemory`` follows the training steps'
-peak: on CUDA the caching allocator's ``max_memory_allocated``; on a CPU the process's peak
-resident size (VmHWM) above what it held before the model was built, which also counts
-allocator slack and what the libraries set up on first use (tens of MB: kernels, thread
-pools). ``scripts/memory_table.py`` reads a CPU allocator's own peak from a memory profile.
+themselves (this rank's shards of sharded ones). ``PeakMemory`` reports a rank's peak:
+
+- on CUDA, the caching allocator's ``max_memory_allocated`` over the training steps only
+  (evaluation and saving run inside ``paused()``), above what was allocated before the model;
+- on a CPU, the process's peak resident size over its whole life, start-up, evaluation and
+  saving included: VmHWM, the very counter the kernel reports at exit as the maximum resident
+  size (``getrusage``'s ``ru_maxrss``, ``/usr/bin/time``'s), so the two agree. It counts the
+  interpreter and libraries, and the allocator's slack (``allocator.py``). ``baseline`` is what
+  the process held before the model was built.
+
+The CPU peak is never reset. Resetting it (writing "5" to /proc/self/clear_refs, as txtrain
+once did to leave evaluation out) resets the kernel's own high-water mark too: the OS then
+reported only the peak since the last evaluation (2.8 GiB for a run that reached 5.9 GiB), and
+the kernel keeps no other peak over a window of time. ``scripts/memory_table.py`` reads a CPU
+allocator's own peak from a memory profile.
 """
 
 from __future__ import annotations
@@ -38,12 +48,13 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 
 
 class PeakMemory:
-    """The peak over training steps only: evaluation and saving run inside ``paused()``."""
+    """A rank's peak: on CUDA over training steps only (evaluation and saving run inside
+    ``paused()``); on a CPU the process's, over its whole life (see the module's docstring)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.baseline = self.current()
+        self.baseline = self.current()  # before the model: what the process already held
         self.reset()
         self.peak = 0
 
@@ -51,7 +62,8 @@ class PeakMemory:
     def method(self) -> str:
         if self.cuda:
             return "torch.cuda.max_memory_allocated"
-        return "peak resident size above the start (VmHWM)" if PROC.exists() else "ru_maxrss"
+        counter = "VmHWM" if PROC.exists() else "ru_maxrss"
+        return f"the process's peak resident size over the whole run: {counter}, the OS's max RSS"
 
     def current(self) -> int:
         if self.cuda:
@@ -62,30 +74,25 @@ class PeakMemory:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
         if PROC.exists():
-            return proc_status("VmHWM")
+            return proc_status("VmHWM")  # this process's own (ru_maxrss may hold a parent's)
         scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
     def reset(self) -> None:
+        """Restart CUDA's peak. A CPU's is never reset: that would reset the OS's own."""
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif PROC.exists():
-            try:  # "5" resets the high-water mark to the current size (Linux 4.0+)
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
 
     def bytes(self) -> int:
-        """The highest memory in use by training so far, above the baseline."""
+        """On CUDA the training steps' peak above the baseline; on a CPU the process's peak."""
+        if not self.cuda:
+            return self.high_water()
         return max(self.peak, self.high_water()) - self.baseline
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Leave what runs inside (an evaluation, a save) out of the peak. Training steps need
+        """Leave what runs inside (an evaluation, a save) out of CUDA's peak. Training steps need
         no pause between them: the peak from one pause to the next is theirs."""
-        # On a CPU the reset writes /proc/self/clear_refs, which takes the address space's lock
-        # for writing (about 0.2 ms, even at 2 GiB resident and 64 threads): cheap, but a step
-        # should not wait on a lock that its own allocations need.
         self.peak = max(self.peak, self.high_water())
         yield
         self.reset()

@@ -21,8 +21,11 @@ layer saves for backward (counted by hooking ``saved_tensors_hooks``, see the te
   in fp32);
 - with activation checkpointing only each block's input is kept, plus about two blocks'
   worth while one is recomputed;
-- at the loss, the fp32 log-probabilities and their gradient: about three (B, T, vocab) fp32
-  tensors at once.
+- at the loss, computed chunk by chunk (``train.loss_chunk_tokens``, model/chunked_loss.py):
+  one chunk's fp32 logits (turned into their gradient in place; under autocast also the
+  matmul's output and the gradient's cast), each token's logsumexp, and the head's gradient
+  summed in fp32. With ``train.loss_chunk_tokens=0``, the fp32 log-probabilities and their
+  gradient: about three (B, T, vocab) fp32 tensors at once.
 
 The peak is estimated as parameters + optimizer state + the larger of the forward/backward
 phase (activations, loss, gathered or cast weights, and the gradients when micro-batches
@@ -41,7 +44,7 @@ import torch
 from torch import nn
 
 from txtrain.config import Config, ConfigError, ModelConfig
-from txtrain.optim import optimizer_state_bytes
+from txtrain.optim import hidden_matrices, optimizer_state_bytes
 from txtrain.parallel.specs import ParallelConfig, Placement, sharding_strategy
 
 GiB = 2**30
@@ -118,7 +121,10 @@ def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: nn.Modul
     param_bytes = sum(n * params[name].element_size() for name, n in local.items())
     trainable = {name: n for name, n in local.items() if params[name].requires_grad}
     grad_bytes = sum(n * params[name].element_size() for name, n in trainable.items())
-    optimizer = optimizer_state_bytes(cfg.optim, [n * FP32 for n in trainable.values()])
+    # optim=muon: one momentum buffer for each matrix Muon updates, AdamW's state for the rest
+    muon = {id(p) for p in hidden_matrices(model)} if str(cfg.optim.name) == "muon" else set()
+    muon_bytes = [n * FP32 for name, n in trainable.items() if id(params[name]) in muon]
+    optimizer = optimizer_state_bytes(cfg.optim, [n * FP32 for n in trainable.values()], muon_bytes)
 
     has_head = placement.holds_head(rank)
     micro = placement.planned_micro_batch(cfg.train.batch_size, cfg.train.micro_batch_size)
@@ -128,7 +134,7 @@ def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: nn.Modul
     without_ckpt = in_flight * shape.blocks(len(blocks), checkpointing=False)
     with_ckpt = in_flight * shape.blocks(len(blocks), checkpointing=True)
     activations = with_ckpt if cfg.model.activation_checkpointing else without_ckpt
-    loss = in_flight * shape.head(layout.vocab_size) if has_head else 0
+    loss = in_flight * shape.head(layout.vocab_size, cfg.train.loss_chunk_tokens) if has_head else 0
     buffers = buffer_bytes(cfg, placement, model, blocks, has_head, grad_bytes)
 
     accumulates = placement.accumulates(cfg.train.batch_size, micro)
@@ -213,11 +219,19 @@ class Activations:
                     + min(2, n_blocks) * self.block() + working)
         return n_blocks * self.block() + working
 
-    def head(self, vocab_size: int) -> int:
-        """The final norm's input and output, then the logits: at the loss's backward, the fp32
-        log-probabilities, their gradient and the logits' gradient exist at once."""
+    def head(self, vocab_size: int, chunk_tokens: int = 0) -> int:
+        """The final norm's input and output, then the loss. In chunks (``chunk_tokens``): a
+        chunk's fp32 logits (under autocast also the matmul's output and the gradient's cast),
+        each token's logsumexp, and the head's gradient summed in fp32. Whole (0): at the
+        loss's backward, the fp32 log-probabilities, their gradient and the logits' gradient
+        exist at once."""
         d = self.model.n_embd
-        return (FP32 + self.act_bytes) * d * self.tokens + 3 * FP32 * vocab_size * self.tokens
+        norm = (FP32 + self.act_bytes) * d * self.tokens
+        if chunk_tokens <= 0:
+            return norm + 3 * FP32 * vocab_size * self.tokens
+        rows = min(chunk_tokens, self.tokens)
+        per_logit = FP32 + (2 * self.act_bytes if self.act_bytes != FP32 else 0)
+        return norm + FP32 * self.tokens + per_logit * vocab_size * rows + FP32 * vocab_size * d
 
 
 # --- buffers ------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
     txtrain-plot <run dir>      training loss (left axis) and the evaluation metric (right
                                 axis) against steps, with tokens seen along the top
-    txtrain-plot <sweep dir>    every run's curves in one figure, labelled by its overrides
+    txtrain-plot <sweep dir>    every run's curves in one figure, labelled by its overrides;
+                                runs that differ only in seed as one mean curve per group,
+                                with a band of one standard deviation either side
 
 Matplotlib is an optional extra (``pip install 'txtrain[plot]'``).
 """
@@ -13,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from txtrain.summary import find_runs, read_jsonl, run_label
+from txtrain.summary import SEED, find_runs, read_jsonl, run_label, seed_groups, varying
 
 # The metric drawn on the right axis: the first of these that the run's evaluations have.
 EVAL_METRICS = ("val_loss", "exact_match", "eval_loss")
@@ -50,6 +52,8 @@ def plot_sweep(sweep_dir: Path) -> Path:
     runs = find_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no runs (folders with metrics.jsonl) under {sweep_dir}")
+    if SEED in varying(runs):
+        return plot_seed_groups(sweep_dir, runs)
     fig = new_figure(8, 4.8)
     ax = fig.subplots()
     twin = ax.twinx()
@@ -63,6 +67,59 @@ def plot_sweep(sweep_dir: Path) -> Path:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax.set_title(f"{sweep_dir.name}: {len(runs)} runs", fontsize=10)
     return save(fig, sweep_dir / "loss.png")
+
+
+def plot_seed_groups(sweep_dir: Path, runs: dict[Path, list[str]]) -> Path:
+    """The sweep's ``loss.png`` when its runs differ in seed: per group of runs that differ
+    only in seed, the mean curve and a band of +- one standard deviation across its seeds."""
+    groups = seed_groups(runs)
+    fig = new_figure(8, 4.8)
+    ax = fig.subplots()
+    twin = ax.twinx()
+    colors = [f"C{i}" for i in range(10)]
+    keys = set(varying(runs))
+    metric = None
+    for i, (key, run_dirs) in enumerate(groups.items()):
+        color = colors[i % len(colors)]
+        label = " ".join(o for o in key if o.partition("=")[0] in keys) or "all runs"
+        label = f"{label} ({len(run_dirs)} seeds)"
+        curves = [[m for m in read_jsonl(r / "metrics.jsonl") if m.get("loss") is not None]
+                  for r in run_dirs]
+        draw_band(ax, [{m["step"]: m["loss"] for m in c} for c in curves], color, "-", label)
+        evals = [read_jsonl(r / "eval.jsonl") for r in run_dirs]
+        found = next((m for m in (eval_metric(e) for e in evals) if m is not None), None)
+        if found is not None:
+            metric = metric or found
+            draw_band(twin, [{e["step"]: e[found] for e in run if found in e} for run in evals],
+                      color, "--", None, marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (solid)")
+    label_eval_axis(twin, metric)
+    wide = max(len(line.get_label()) for line in ax.lines) > 45  # long labels: one column
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1 if wide else 2,
+              frameon=False)
+    ax.set_title(f"{sweep_dir.name}: {len(runs)} runs in {len(groups)} groups, mean +- std "
+                 "over seeds", fontsize=10)
+    return save(fig, sweep_dir / "loss.png")
+
+
+def draw_band(ax, curves: list[dict[int, float]], color: str, linestyle: str,
+              label: str | None, marker: str | None = None) -> None:
+    """The mean of ``curves`` (step -> value, one per seed) at each step that any of them
+    logged, and a band of +- one sample standard deviation where two or more did."""
+    steps = sorted({step for curve in curves for step in curve})
+    means, lows, highs = [], [], []
+    for step in steps:
+        values = [curve[step] for curve in curves if step in curve]
+        mean = sum(values) / len(values)
+        spread = sum((v - mean) ** 2 for v in values)
+        std = (spread / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        means.append(mean)
+        lows.append(mean - std)
+        highs.append(mean + std)
+    ax.plot(steps, means, color=color, linestyle=linestyle, label=label, linewidth=1.2,
+            marker=marker, markersize=3 if marker else None)
+    ax.fill_between(steps, lows, highs, color=color, alpha=0.2, linewidth=0)
 
 
 def draw_run(ax, twin, metrics: list[dict], evals: list[dict], label: str | None,

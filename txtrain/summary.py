@@ -6,6 +6,12 @@ loss, the best evaluation (highest exact_match, or lowest val_loss / eval_loss),
 second and wall time. A run trained with ``train.patience`` shows its best checkpoint's step
 and metric, as its run.json records them (the best by more than ``train.min_delta``: the
 checkpoint ``txtrain-sample --best`` loads), and whether it stopped early.
+
+Runs that differ only in ``seed`` are one row: ``n_seeds``, and for the final loss and the
+best evaluation their mean, standard deviation and the half-width of a 95% confidence interval
+(Student's t); ``--baseline "optim.lr=1e-3"`` adds each group's Welch t-test p-value against
+the group with those overrides. The t distribution is computed here (the regularized
+incomplete beta function), so that a summary needs no scipy.
 """
 
 from __future__ import annotations
@@ -13,12 +19,92 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 import yaml
 
 BEST = {"exact_match": max, "val_loss": min, "eval_loss": min}  # in this order of preference
+SEED = "seed"
+
+
+# -- Student's t, without scipy -------------------------------------------------------------
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction
+    (modified Lentz; Numerical Recipes' betacf), accurate to about 1e-14."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"betainc: x must be in [0, 1], not {x}")
+    if x in (0.0, 1.0):
+        return x
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point
+        return 1.0 - betainc(b, a, 1.0 - x)
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` degrees of freedom (need not be whole)."""
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The t such that P(T <= t) = p, by bisection on t_cdf (to about 1e-12)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"t_quantile: p must be in (0, 1), not {p}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        low, high = high, 2.0 * high
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
+        if high - low < 1e-12 * max(1.0, high):
+            break
+    return 0.5 * (low + high)
+
+
+def mean_std_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """Mean, sample standard deviation (n - 1) and the confidence interval's half-width
+    (the interval is mean +- half-width); None for the last two with a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, std, t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test (unequal variances) that the means of a and b are
+    equal. None when it is undefined: fewer than two values in either, or no spread in both."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    (mean_a, std_a, _), (mean_b, std_b, _) = mean_std_ci(a), mean_std_ci(b)
+    var_a, var_b = std_a ** 2 / len(a), std_b ** 2 / len(b)
+    if var_a + var_b == 0.0:
+        return None
+    t = (mean_a - mean_b) / math.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -87,6 +173,70 @@ def summary_rows(sweep_dir: Path) -> list[dict]:
     return [summarize(run_dir, overrides, keys) for run_dir, overrides in runs.items()]
 
 
+def seed_groups(runs: dict[Path, list[str]]) -> dict[tuple[str, ...], list[Path]]:
+    """The runs keyed by their overrides other than ``seed``, in order of their first run."""
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for run_dir, overrides in runs.items():
+        key = tuple(o for o in overrides if o.partition("=")[0] != SEED)
+        groups.setdefault(key, []).append(run_dir)
+    return groups
+
+
+def same_value(given: str, wanted: str) -> bool:
+    """``1e-3`` and ``0.001`` are the same learning rate."""
+    try:
+        return given == wanted or float(given) == float(wanted)
+    except ValueError:
+        return False
+
+
+def find_baseline(groups: dict[tuple[str, ...], list[Path]], baseline: str) -> tuple[str, ...]:
+    """The one group whose overrides include every ``key=value`` of ``baseline``."""
+    wanted = [o.partition("=")[::2] for o in baseline.split()]
+    matches = [key for key in groups
+               if all(any(k == name and same_value(v, value)
+                          for k, _, v in (o.partition("=") for o in key)) for name, value in wanted)]
+    if len(matches) != 1:
+        names = "; ".join(" ".join(key) or "(no overrides)" for key in groups)
+        raise ValueError(f"--baseline {baseline!r} matches {len(matches)} groups, not one "
+                         f"(the groups: {names})")
+    return matches[0]
+
+
+def grouped_rows(sweep_dir: Path, baseline: str | None = None) -> list[dict]:
+    """One row per group of runs that differ only in seed (see the module's docstring)."""
+    runs = find_runs(sweep_dir)
+    keys = [key for key in varying(runs) if key != SEED]
+    groups = seed_groups(runs)
+    per_run = {run_dir: summarize(run_dir, runs[run_dir], []) for run_dir in runs}
+    base = find_baseline(groups, baseline) if baseline else None
+    metrics = ["final_loss"] + list(dict.fromkeys(  # final_loss and best_<main metric>
+        key for row in per_run.values() for key in row
+        if key.startswith("best_") and key != "best_at_step"))
+
+    def values(run_dirs: list[Path], metric: str) -> list[float]:
+        return [per_run[r][metric] for r in run_dirs if per_run[r].get(metric) is not None]
+
+    rows = []
+    for key, run_dirs in groups.items():
+        given = dict(o.partition("=")[::2] for o in key)
+        row = {k: given.get(k, "") for k in keys}
+        row["n_seeds"] = len(run_dirs)
+        for metric in metrics:
+            found = values(run_dirs, metric)
+            mean, std, ci = mean_std_ci(found) if found else (None, None, None)
+            row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_ci95"] = mean, std, ci
+            if base is not None:
+                row[f"{metric}_p"] = (None if key == base
+                                      else welch_p(found, values(groups[base], metric)))
+        for metric in ("tokens_per_s", "seconds"):
+            found = values(run_dirs, metric)
+            row[metric] = sum(found) / len(found) if found else None
+        row["run_dirs"] = " ".join(r.name for r in run_dirs)
+        rows.append(row)
+    return rows
+
+
 def as_text(value) -> str:
     if value is None:
         return ""
@@ -114,10 +264,24 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="txtrain-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep's folder (multirun/<date>/<time>)")
-    sweep_dir = parser.parse_args(argv).sweep_dir
-    rows = summary_rows(sweep_dir) if sweep_dir.is_dir() else []
-    if not rows:
+    parser.add_argument("--baseline", metavar="OVERRIDES",
+                        help='the group to test the others against (Welch\'s t-test), by its '
+                             'overrides: --baseline "optim.lr=1e-3"')
+    args = parser.parse_args(argv)
+    sweep_dir = args.sweep_dir
+    runs = find_runs(sweep_dir) if sweep_dir.is_dir() else {}
+    if not runs:
         print(f"error: no runs (folders with metrics.jsonl) under {sweep_dir}", file=sys.stderr)
+        sys.exit(2)
+    if args.baseline is not None and SEED not in varying(runs):
+        print("error: --baseline needs runs that differ in seed (a sweep over seed=0,1,2)",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        rows = (grouped_rows(sweep_dir, args.baseline) if SEED in varying(runs)
+                else summary_rows(sweep_dir))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     write_summary(sweep_dir, rows)
     print(markdown(rows), end="")

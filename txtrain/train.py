@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from txtrain.allocator import keep_freed_memory
@@ -25,6 +24,7 @@ from txtrain.early_stop import EarlyStopping
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
 from txtrain.model import build_model, model_class
+from txtrain.model.chunked_loss import TokenLoss
 from txtrain import planner
 from txtrain.memory import PeakMemory, held_bytes
 from txtrain.optim import build_optimizer, lr_factor, set_lr
@@ -46,7 +46,7 @@ class Trainer:
         check_model_fits_task(cfg.model, self.task)
         self.strategy = build_strategy(cfg, self.task.max_seq_len)
         self.device = self.strategy.device
-        if self.device.type == "cpu":  # big tensors come and go every step: keep their memory
+        if self.device.type == "cpu" and cfg.keep_freed_memory:  # big tensors come and go every step
             keep_freed_memory()
         self.micro_batch_size = self.strategy.micro_batch_size(cfg.train.batch_size,
                                                                cfg.train.micro_batch_size)
@@ -167,13 +167,10 @@ class Trainer:
     def train_step(self, batch: Batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer update over the global batch; returns (loss, grad norm)."""
         set_lr(self.optimizer, lr)
-        n_targets = batch.n_targets  # every rank knows the global count: losses are sums / it
-        smoothing = self.cfg.train.label_smoothing
-
-        def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum", label_smoothing=smoothing) / n_targets
-
+        # Every rank knows the global count: losses are sums / it. The model computes them
+        # through its head, chunk by chunk (model/chunked_loss.py).
+        loss_fn = TokenLoss(self.cfg.train.label_smoothing, self.cfg.train.loss_chunk_tokens,
+                            divide_by=batch.n_targets, ignore_index=IGNORE_INDEX)
         micro_batches = self.strategy.local_batch(batch).split(self.micro_batch_size)
         loss = self.strategy.forward_backward(self.model, micro_batches, loss_fn, self.precision)
         loss = self.strategy.reduce_sum(loss)
@@ -312,16 +309,19 @@ class Trainer:
     def report_memory(self, log: RunLog) -> None:
         """The plan next to what each rank held and the peak it reached; also memory.json."""
         mine = {"rank": self.strategy.rank, "planned": self.plans[self.strategy.rank].as_dict(), "held": self.held,
-                "measured_peak": self.peak_memory.bytes(), "measured_by": self.peak_memory.method}
+                "measured_peak": self.peak_memory.bytes(), "measured_by": self.peak_memory.method,
+                "baseline": self.peak_memory.baseline}  # held before the model was built
         everyone = self.strategy.gather(mine)
         if not self.strategy.is_main:
             return
         log.scalars("memory", {"step": self.step, **{f"rank{r['rank']}_peak_bytes": r["measured_peak"]
                                                      for r in everyone}})
         for rank in everyone:
+            before = "" if rank["measured_by"].startswith("torch.cuda") else \
+                f"; {planner.gib(rank['baseline'])} held before the model"
             log.info(f"memory rank {rank['rank']}: peak {planner.gib(rank['measured_peak'])} "
-                     f"measured ({rank['measured_by']}), {planner.gib(rank['planned']['peak'])} "
-                     "planned")
+                     f"measured ({rank['measured_by']}{before}), "
+                     f"{planner.gib(rank['planned']['peak'])} planned")
         (self.run_dir / "memory.json").write_text(json.dumps(everyone, indent=1) + "\n")
 
 

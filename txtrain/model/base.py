@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from txtrain.config import ModelConfig
+from txtrain.model.chunked_loss import TokenLoss
 from txtrain.model.positions import LearnedPositions, Rotary, SinusoidalPositions
 
 # The projections that write into the residual stream (GPT-2 scales their initial weights).
@@ -32,6 +33,9 @@ class LanguageModel(nn.Module):
     - ``embed(idx, start=0)``: token ids to first hidden states (``start``: the position of
       the first token), and ``logits(x)``: last hidden states to logits, with the padded rows
       sliced off so that they never touch the loss;
+    - ``forward(..., targets=None, loss=None)``: given ``targets``, the loss instead of the
+      logits, through ``output(x, targets, loss)`` (the head and the cross-entropy in one,
+      chunk by chunk: model/chunked_loss.py);
     - ``forward(..., last_only=False)``: with ``last_only``, the logits of the last position
       only, (B, V): sampling needs no more. A class that sets ``takes_cache`` (the GPT, the
       encoder-decoder) also takes ``cache=None``, a ``KVCache`` (model/attention.py) kept
@@ -115,6 +119,21 @@ class LanguageModel(nn.Module):
         if logits.shape[-1] > self.vocab_size:  # slice only when padded: FSDP warns about views
             logits = logits[..., : self.vocab_size]
         return logits
+
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+               loss: TokenLoss | None = None):
+        """What ``forward`` returns from the last hidden states: the logits, or given
+        ``targets`` the loss (``loss``: how; model/chunked_loss.py), which never holds the
+        whole logits. Inside ``forward``, so that a wrapper that gathers the head's weight
+        in the module's forward (FSDP) has gathered it."""
+        if targets is None:
+            return self.logits(x)
+        return self.head_loss(x, targets, loss)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss: TokenLoss | None = None):
+        """The final norm, the head and the cross-entropy in one (the padded rows never
+        enter it); the pipeline's last stage calls it on its output."""
+        return (loss or TokenLoss())(self.final_norm(x), self.head.weight, targets, self.vocab_size)
 
     def num_parameters(self) -> int:
         """Distinct trainable parameters (a tied embedding counts once)."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from txtrain.config import ModelConfig
 from txtrain.model.base import LanguageModel
+from txtrain.model.chunked_loss import TokenLoss
 from txtrain.model.transformer import Block
 
 
@@ -35,10 +36,12 @@ class Encoder(LanguageModel):
         self.init_weights(residual_layers=cfg.n_layer)
 
     def forward(self, idx: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """``padding_mask`` (B, T): True at real tokens; None when every position is real."""
+                last_only: bool = False, targets: torch.Tensor | None = None,
+                loss: TokenLoss | None = None) -> torch.Tensor:
+        """``padding_mask`` (B, T): True at real tokens; None when every position is real.
+        ``targets``: the loss instead of the logits (LanguageModel.output)."""
         keys = None if padding_mask is None else padding_mask[:, None, None, :].to(idx.device)
         x = self.embed(idx)
         for block in self.blocks.values():
             x = block(x, causal=False, mask=keys)
-        return self.logits(x[:, -1] if last_only else x)
+        return self.output(x[:, -1] if last_only else x, targets, loss)

@@ -15,6 +15,7 @@ from torch import nn
 from txtrain.config import ModelConfig
 from txtrain.model.attention import KVCache, LayerCache, MultiHeadAttention
 from txtrain.model.base import LanguageModel
+from txtrain.model.chunked_loss import TokenLoss
 from txtrain.model.positions import Rotary
 from txtrain.model.transformer import Block
 from txtrain.tasks.base import PAD
@@ -80,7 +81,8 @@ class EncoderDecoder(LanguageModel):
         return self.encoder_norm(x), mask
 
     def forward(self, idx: torch.Tensor, sources: torch.Tensor, last_only: bool = False,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                loss: TokenLoss | None = None) -> torch.Tensor:
         """With a ``cache``, ``idx`` continues the target positions it holds, and the source is
         encoded, and its keys and values projected, at the first step only."""
         memory, memory_mask = self.encoded(sources, cache)
@@ -89,7 +91,7 @@ class EncoderDecoder(LanguageModel):
             if name.startswith("dec_"):
                 caches = (None, None) if cache is None else (cache.layer(name), cache.layer(f"{name}.cross"))
                 x = block(x, memory, memory_mask, *caches)
-        return self.logits(x[:, -1] if last_only else x)
+        return self.output(x[:, -1] if last_only else x, targets, loss)
 
     def encoded(self, sources: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode(sources)``, kept in the cache when there is one."""

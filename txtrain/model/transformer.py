@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from txtrain.config import ModelConfig
 from txtrain.model.attention import KVCache, LayerCache, MultiHeadAttention
 from txtrain.model.base import LanguageModel
+from txtrain.model.chunked_loss import TokenLoss
 from txtrain.model.positions import Rotary
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -77,11 +78,12 @@ class Transformer(LanguageModel):
         self.init_weights(residual_layers=cfg.n_layer)
 
     def forward(self, idx: torch.Tensor, last_only: bool = False,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                loss: TokenLoss | None = None) -> torch.Tensor:
         """Logits (B, T, V); with ``last_only``, those of the last position only, (B, V):
         sampling needs no more, and the head is the costliest matmul of a small model.
         With a ``cache``, ``idx`` continues the positions it holds (generation)."""
         x = self.embed(idx, 0 if cache is None else cache.grow(idx.shape[1]))
         for name, block in self.blocks.items():
             x = block(x, cache=None if cache is None else cache.layer(name))
-        return self.logits(x[:, -1] if last_only else x)
+        return self.output(x[:, -1] if last_only else x, targets, loss)

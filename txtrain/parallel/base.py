@@ -24,12 +24,13 @@ from txtrain.config import Config, ConfigError
 from txtrain.distributed import require_launched
 from txtrain.generate import ModelLogits
 from txtrain.model.base import tied_aliases
+from txtrain.model.chunked_loss import TokenLoss
 from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import Precision
 from txtrain.tasks.base import Batch
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> loss
-Forward = Callable[[torch.Tensor], torch.Tensor]  # inputs -> logits
+# inputs -> logits; forward(*inputs, targets=, loss=TokenLoss) -> the loss (tasks/base.py)
+Forward = Callable[..., torch.Tensor]
 NextLogits = Callable[[torch.Tensor], torch.Tensor]  # inputs (B, T) -> last position's logits (B, V)
 
 
@@ -98,18 +99,20 @@ class Strategy:
         """Where gradients would be synchronised, skip it for all but the last micro-batch."""
         return nullcontext()
 
-    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss: TokenLoss,
                          precision: Precision) -> torch.Tensor:
-        """Forward and backward over this rank's micro-batches; the sum of their losses."""
+        """Forward and backward over this rank's micro-batches; the sum of their losses. The
+        model computes the loss itself (``targets=``): its head and the cross-entropy run in
+        its forward, where wrappers have its weights ready, and never hold the whole logits."""
         total = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
             micro = micro.to(self.device)
             with self.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):
                 with precision.autocast():
-                    logits = model(*micro.model_args())
-                loss = loss_fn(logits, micro.targets)
-                precision.backward(loss)
-            total += loss.detach()
+                    # (.sum(): DataParallel gathers one loss per GPU)
+                    loss_sum = model(*micro.model_args(), targets=micro.targets, loss=loss).sum()
+                precision.backward(loss_sum)
+            total += loss_sum.detach()
         return total
 
     def reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,14 @@ class Strategy:
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
         """``run(forward)`` evaluates a task through ``forward``; every rank gets the results."""
-        return run(lambda *args: model(*(tensor.to(self.device) for tensor in args)))
+        def forward(*args: torch.Tensor, targets: torch.Tensor | None = None,
+                    loss: TokenLoss | None = None):
+            if targets is not None:
+                targets = targets.to(self.device)
+            return model(*(tensor.to(self.device) for tensor in args), targets=targets, loss=loss)
+
+        forward.takes_targets = True  # the model's own loss (chunked_loss.evaluation_loss)
+        return run(forward)
 
     def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
         """``run(next_logits)`` samples through ``next_logits`` (the logits of the last position

@@ -32,7 +32,8 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                     ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
 from txtrain.config import Config
-from txtrain.parallel.base import Forward, LossFn, NextLogits, Strategy
+from txtrain.model.chunked_loss import TokenLoss
+from txtrain.parallel.base import Forward, NextLogits, Strategy
 from txtrain.parallel.specs import PipelineConfig
 from txtrain.parallel.stage import ModelSlice
 from txtrain.precision import Precision
@@ -55,7 +56,7 @@ class Pipeline(Strategy):
         self.last_rank = self.placement.last_rank
         # Every micro-batch has the same shape: the stages exchange fixed-size activations.
         self.seq_len = seq_len
-        self.loss_fn: LossFn | None = None  # this step's, set by forward_backward
+        self.loss: TokenLoss | None = None  # this step's, set by forward_backward
         self.precision: Precision | None = None
 
     @classmethod
@@ -73,13 +74,17 @@ class Pipeline(Strategy):
         stage_blocks = self.placement.stage_blocks(list(model.blocks))
         chunks = [ModelSlice(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1)
                   for s in self.my_stages]
+        # Training's last stage gives hidden states, and its loss runs the head (stage_loss).
+        train_chunks = [ModelSlice(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1,
+                                   hidden_out=True) for s in self.my_stages]
+        self.loss_head = train_chunks[-1]
         mine = ModelSlice(model, self.placement.blocks(self.rank, list(model.blocks)),
                           first=self.is_first, last=self.is_last).to(self.device)
         self.vocab_size = mine.vocab_size
         self.share_tied_weights(model, mine)
         self.chunks = chunks  # one per stage of this rank: evaluation builds stages of them later
         # Losses are already divided by the step's global target count: no further scaling.
-        self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(),
+        self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(train_chunks),
                                             self.cfg.n_microbatches, loss_fn=self.stage_loss,
                                             scale_grads=False)
         # (stages, schedule) by input shape, micro-batches and autocast; see forward_only
@@ -101,18 +106,19 @@ class Pipeline(Strategy):
                         if names[id(p)] != name}
         self.mirrors = {id(p) for name, p in mine.named_parameters() if name in self.renamed}
 
-    def new_stages(self) -> list[PipelineStage]:
+    def new_stages(self, chunks: list[ModelSlice] | None = None) -> list[PipelineStage]:
         """Fresh stages of this rank's chunks (they share the chunks' parameters)."""
         return [PipelineStage(chunk, s, self.n_stages, self.device)
-                for chunk, s in zip(self.chunks, self.my_stages)]
+                for chunk, s in zip(chunks or self.chunks, self.my_stages)]
 
     def schedule(self, schedule_class, stages: list[PipelineStage], n_microbatches: int, **options):
         stage_arg = stages if self.cfg.stages_per_rank > 1 else stages[0]
         return schedule_class(stage_arg, n_microbatches, **options)
 
-    def stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss for one micro-batch, scaled for backward under fp16."""
-        return self.precision.scale(self.loss_fn(logits, targets))
+    def stage_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss for one micro-batch, from its last hidden states through the
+        model's own head and loss (``head_loss``), scaled for backward under fp16."""
+        return self.precision.scale(self.loss_head.head_loss(hidden, targets, self.loss))
 
     # --- data -------------------------------------------------------------------------------
     def pad(self, batch: Batch) -> Batch:
@@ -125,17 +131,17 @@ class Pipeline(Strategy):
                      nn.functional.pad(batch.targets, (0, extra), value=IGNORE_INDEX))
 
     # --- one step ---------------------------------------------------------------------------
-    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn,
+    def forward_backward(self, model: nn.Module, micro_batches: list[Batch], loss: TokenLoss,
                          precision: Precision) -> torch.Tensor:
         # The schedule cuts the batch into its own micro-batches.
         batch = self.pad(Batch(torch.cat([m.inputs for m in micro_batches]),
                                torch.cat([m.targets for m in micro_batches]))).to(self.device)
-        self.loss_fn, self.precision = loss_fn, precision
+        self.loss, self.precision = loss, precision
         losses: list[torch.Tensor] = []  # the last stage's, one per micro-batch
         args = (batch.inputs,) if self.is_first else ()
         targets = {"target": batch.targets, "losses": losses} if self.is_last else {}
         with precision.autocast():
-            # Only the losses are needed: the last stage neither keeps nor merges the logits.
+            # Only the losses are needed: the last stage never makes the whole logits.
             self.train_schedule.step(*args, return_outputs=False, **targets)
         self.sum_tied_gradients()
         if not losses:
@@ -183,13 +189,18 @@ class Pipeline(Strategy):
     def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
         """Every rank runs the task's evaluation in step; only the last stage has logits, so the
         others see a stand-in, and the last stage's results are shared with all."""
-        def forward(inputs: torch.Tensor) -> torch.Tensor:
+        def forward(inputs: torch.Tensor, targets: torch.Tensor | None = None,
+                    loss: TokenLoss | None = None):
             logits = self.forward_only(inputs)
             if logits is None:
                 stand_in = torch.zeros(1, 1, 1, device=self.device)
-                return stand_in.expand(*inputs.shape, self.vocab_size)
-            return logits
+                logits = stand_in.expand(*inputs.shape, self.vocab_size)
+            if targets is None:
+                return logits
+            # The eval stages hand over logits (of one evaluation batch, which the task sizes).
+            return (loss or TokenLoss()).from_logits(logits, targets.to(logits.device))
 
+        forward.takes_targets = True
         results = [run(forward)]
         dist.broadcast_object_list(results, src=self.last_rank, device=torch.device("cpu"))
         return results[0]

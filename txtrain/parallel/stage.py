@@ -15,13 +15,16 @@ class ModelSlice(nn.Module):
     names, so parameter names, and with them checkpoints, are those of the whole model
     (``blocks.5`` stays ``blocks.5``, the head ``head.weight``)."""
 
-    def __init__(self, model: LanguageModel, block_names: list[str], first: bool, last: bool):
+    def __init__(self, model: LanguageModel, block_names: list[str], first: bool, last: bool,
+                 hidden_out: bool = False):
         super().__init__()
         if model.needs_sources:  # its decoder blocks also read the encoder's output
             raise ValueError(f"{type(model).__name__} reads a source as well as the tokens: "
                              "it cannot be cut into pipeline stages")
         self.cfg, self.vocab_size = model.cfg, model.vocab_size
         self.first, self.last = first, last
+        self.hidden_out = hidden_out  # the last stage too gives hidden states (training: the
+        # loss, ``head_loss``, runs on them without ever holding the whole logits)
         # In the model's order, so that its parameters are listed in the whole model's order.
         if first:
             self.token_embedding, self.positions, self.dropout = (
@@ -33,11 +36,13 @@ class ModelSlice(nn.Module):
     # The parts have the model's names: its own embedding and output maths apply unchanged.
     embed = LanguageModel.embed
     logits = LanguageModel.logits
+    head_loss = LanguageModel.head_loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids in on the first stage, hidden states elsewhere; logits out of the last."""
+        """Token ids in on the first stage, hidden states elsewhere; logits out of the last
+        (unless ``hidden_out``)."""
         if self.first:
             x = self.embed(x)
         for block in self.blocks.values():
             x = block(x)
-        return self.logits(x) if self.last else x
+        return self.logits(x) if self.last and not self.hidden_out else x

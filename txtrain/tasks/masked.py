@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from txtrain.config import TextTaskConfig
+from txtrain.model.chunked_loss import TokenLoss, evaluation_loss
 from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward
 from txtrain.tasks.text import EVAL_LOGITS_BUDGET, TextTask
 from txtrain.tasks.tokenizers import MaskedTokenizer
@@ -76,13 +76,13 @@ class MaskedTextTask(TextTask):
         loss_sum, correct, n_chosen = 0.0, 0, 0
         for first in range(0, len(starts), rows):
             batch = self.validation_batch(starts[first:first + rows])
-            logits = forward(*batch.model_args())
-            targets = batch.targets.to(logits.device)
-            chosen = targets != IGNORE_INDEX
-            logits, targets = logits[chosen].float(), targets[chosen]
-            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-            correct += int((logits.argmax(dim=-1) == targets).sum())
-            n_chosen += targets.numel()
+            # The model's own loss over the chosen tokens (the others are ignored), and whether
+            # each token's argmax is its target, chunk by chunk: never the whole logits
+            loss, hits = evaluation_loss(forward, batch.model_args(), batch.targets, TokenLoss(hits=True))
+            chosen = (batch.targets != IGNORE_INDEX).flatten().to(hits.device)
+            loss_sum += float(loss)
+            correct += int((hits & chosen).sum())
+            n_chosen += int(chosen.sum())
         return {"val_loss": loss_sum / n_chosen, "mlm_accuracy": correct / n_chosen}
 
 

@@ -13,9 +13,9 @@ import functools
 import random
 
 import torch
-import torch.nn.functional as F
 
 from txtrain.config import ConfigError, SyntheticTaskConfig
+from txtrain.model.chunked_loss import TokenLoss, evaluation_loss
 from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward, collate, collate_seq2seq
 
 SEP, EOS = 1, 2  # 0 is padding
@@ -155,14 +155,14 @@ class SyntheticTask:
         correct = total = 0
         loss_sum = tokens = 0.0
         for batch in self.held_out_batches(batch_size):
-            logits = forward(*batch.model_args())
-            targets = batch.targets.to(logits.device)
-            scored = targets != IGNORE_INDEX
-            hits = (logits.argmax(-1) == targets) | ~scored
+            # The model's own loss and per-token argmax == target, through its head chunk by chunk
+            loss, hits = evaluation_loss(forward, batch.model_args(), batch.targets,
+                                         TokenLoss(ignore_index=IGNORE_INDEX, hits=True))
+            scored = (batch.targets != IGNORE_INDEX).to(hits.device)
+            hits = hits.view(scored.shape) | ~scored
             correct += int(hits.all(dim=1).sum())
             total += len(batch)
-            loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum"))
+            loss_sum += float(loss)
             tokens += int(scored.sum())
         return {"exact_match": correct / total, "eval_loss": loss_sum / tokens}
 

@@ -18,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from txtrain.config import ConfigError, TextTaskConfig
+from txtrain.model.chunked_loss import TokenLoss, evaluation_loss
 from txtrain.tasks.base import Batch, Forward, Sampling
 from txtrain.tasks.corpus import find_corpus
 from txtrain.tasks.shards import TokenStream
 from txtrain.tasks.token_cache import cached_tokens
 from txtrain.tasks.token_data import TokenData, is_token_folder, open_token_folder
 
-# Logits per evaluation batch: rows are chosen so that (rows, T, V) floats stay near 256 MiB.
+# Logits per evaluation batch, where they exist (the model computes its loss chunk by chunk, but
+# a pipeline's evaluation, or a forward that gives logits, holds them): rows are chosen so
+# that (rows, T, V) floats stay near 256 MiB.
 EVAL_LOGITS_BUDGET = 1 << 26
 
 
@@ -80,11 +82,9 @@ class TextTask:
         loss_sum, n_tokens = 0.0, 0
         for first in range(0, len(starts), rows):
             batch = self.windows(self.val_tokens, starts[first:first + rows])
-            logits = forward(*batch.model_args())
-            targets = batch.targets.to(logits.device)
-            loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                              reduction="sum"))
-            n_tokens += targets.numel()
+            # The model's own loss: its head, chunk by chunk, never the whole logits
+            loss_sum += float(evaluation_loss(forward, batch.model_args(), batch.targets, TokenLoss()))
+            n_tokens += batch.targets.numel()
         val_loss = loss_sum / n_tokens
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700.0))}
 

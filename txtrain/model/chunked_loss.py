@@ -1,0 +1,181 @@
+"""The output head and the cross-entropy as one operation that never holds the whole logits.
+
+A (tokens x vocabulary) logits matrix is the largest tensor of a small model's step: at 50k
+words and 2k tokens, 400 MB in fp32, and the plain loss keeps several of them (the logits,
+their fp32 copy, the log-probabilities, their gradient). ``ChunkedHeadLoss`` runs the head and
+the loss over ``chunk_tokens`` tokens at a time: forward keeps only each token's logsumexp;
+backward recomputes each chunk's logits, turns them into their gradient in place
+(softmax - target), and adds the chunk's share to the hidden states' and the weight's
+gradients. The price is one more head matmul in backward; what it saves is memory and the
+passes over the big matrices, which on a CPU cost more than the matmul.
+
+Numerics: the matmul runs in the compute dtype (autocast's, as ``nn.Linear`` would, else the
+weight's), the softmax and the loss in fp32, as the plain path (``logits.float()``) does. The
+gradient of the logits goes back to the compute dtype for the two backward matmuls, as
+autocast's linear does; the weight's gradient is summed over chunks in fp32.
+
+Label smoothing is torch's (``F.cross_entropy``): over the real vocabulary's classes, ignored
+targets excluded. The padded rows of the weight never enter the logits; their gradient is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # as txtrain.tasks.base's (the model package does not import the tasks)
+DEFAULT_CHUNK_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """How hidden states and targets become a loss: cross-entropy summed over the targets
+    that are not ``ignore_index``, divided by ``divide_by`` (a step's global target count).
+    ``chunk_tokens`` > 0: through ``ChunkedHeadLoss``; 0: the plain path, the whole logits
+    and ``F.cross_entropy``. ``hits``: also return, per token, whether the argmax is the
+    target (evaluation's accuracy), as (loss, hits)."""
+
+    label_smoothing: float = 0.0
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    divide_by: float = 1.0
+    ignore_index: int = IGNORE_INDEX
+    hits: bool = False
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 vocab_size: int):
+        """``hidden`` (..., C) after the final norm, ``weight`` the head's (V_padded, C),
+        ``targets`` (...)."""
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if self.chunk_tokens <= 0:
+            logits = F.linear(hidden, weight)
+            if logits.shape[-1] > vocab_size:
+                logits = logits[..., :vocab_size]
+            return self.from_logits(logits, targets)
+        if not self.hits:
+            # Ignored targets add nothing: their rows never reach the head (BERT's unchosen 85%,
+            # a toy task's prompt). One host sync, for the count.
+            keep = (targets != self.ignore_index).nonzero().squeeze(1)
+            if keep.numel() < targets.numel():
+                hidden, targets = hidden[keep], targets[keep]
+        dtype = compute_dtype(hidden, weight)
+        if self.hits or not torch.is_grad_enabled():
+            loss, hits = chunked_forward(hidden.to(dtype), weight[:vocab_size].to(dtype), targets,
+                                         self.ignore_index, self.label_smoothing,
+                                         self.chunk_tokens, want_hits=self.hits)[::2]
+        else:
+            loss, hits = ChunkedHeadLoss.apply(hidden, weight, targets, vocab_size, dtype,
+                                               self.ignore_index, self.label_smoothing,
+                                               self.chunk_tokens), None
+        loss = loss / self.divide_by
+        return (loss, hits) if self.hits else loss
+
+    def from_logits(self, logits: torch.Tensor, targets: torch.Tensor):
+        """The same loss from logits that exist already (the plain path; the pipeline's
+        evaluation, whose last stage hands over logits)."""
+        logits, targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum",
+                               label_smoothing=self.label_smoothing) / self.divide_by
+        if not self.hits:
+            return loss
+        return loss, logits.argmax(-1) == targets
+
+
+def evaluation_loss(forward, args: tuple, targets: torch.Tensor, loss: TokenLoss):
+    """``loss`` of ``forward(*args)`` against ``targets``, for a task's evaluation: through
+    the model's own head and loss where ``forward`` takes targets (a model, or a strategy's
+    forward, which says ``takes_targets``), else from the logits it returns (an oracle in a
+    test, a plain function)."""
+    if isinstance(forward, torch.nn.Module) or getattr(forward, "takes_targets", False):
+        return forward(*args, targets=targets, loss=loss)
+    logits = forward(*args)
+    return loss.from_logits(logits, targets.to(logits.device))
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The head matmul's dtype: autocast's where it is on, else the weight's and hidden
+    states' common one."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def chunk_terms(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                ignore_index: int, smoothing: float):
+    """For fp32 logits ``z`` (n, V): each row's logsumexp and loss (0 where ignored)."""
+    lse = torch.logsumexp(z, dim=-1)
+    picked = z.gather(1, targets.masked_fill(~valid, 0)[:, None]).squeeze(1)
+    loss = lse - (1.0 - smoothing) * picked
+    if smoothing > 0:
+        loss = loss - (smoothing / z.shape[-1]) * z.sum(-1)
+    return lse, loss.masked_fill(~valid, 0.0)
+
+
+def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    ignore_index: int, smoothing: float, chunk: int, want_hits: bool = False):
+    """The loss sum, each row's logsumexp and (``want_hits``) each row's argmax == target.
+    ``hidden`` (N, C) and ``weight`` (V, C), the real rows only, in the compute dtype."""
+    n = hidden.shape[0]
+    valid = targets != ignore_index
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    hits = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_hits else None
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        z = (hidden[rows] @ weight.T).float()
+        lse[rows], loss = chunk_terms(z, targets[rows], valid[rows], ignore_index, smoothing)
+        total += loss.sum()
+        if want_hits:
+            hits[rows] = z.argmax(-1) == targets[rows]
+        del z
+    return total, lse, hits
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """sum over tokens of cross_entropy(hidden @ weight[:vocab_size].T, targets), chunk by chunk.
+    Saves the hidden states, the weight (both in the compute dtype) and each row's logsumexp:
+    no (tokens x vocabulary) tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size, dtype, ignore_index, smoothing, chunk):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight[:vocab_size].to(dtype)
+            total, lse, _ = chunked_forward(h, w, targets, ignore_index, smoothing, chunk)
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.shape = (weight.shape, weight.dtype, hidden.dtype)
+        ctx.settings = (ignore_index, smoothing, chunk)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        h, w, targets, lse = ctx.saved_tensors
+        (weight_shape, weight_dtype, hidden_dtype), (ignore_index, smoothing, chunk) = ctx.shape, ctx.settings
+        n, vocab = h.shape[0], w.shape[0]
+        valid = targets != ignore_index
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight_shape, dtype=torch.float32, device=h.device)
+                  if ctx.needs_input_grad[1] else None)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                rows = slice(start, min(start + chunk, n))
+                # softmax - (1 - smoothing) * one-hot - smoothing / V, on kept rows, * grad
+                g = (h[rows] @ w.T).float()
+                g.sub_(lse[rows, None]).exp_()
+                t = targets[rows].masked_fill(~valid[rows], 0)
+                g.scatter_add_(1, t[:, None], torch.full((len(t), 1), smoothing - 1.0, device=g.device))
+                if smoothing > 0:
+                    g.sub_(smoothing / vocab)
+                g.mul_((valid[rows].float() * grad_total)[:, None])
+                g = g.to(h.dtype)
+                if grad_h is not None:
+                    torch.mm(g, w, out=grad_h[rows])
+                if grad_w is not None:
+                    if g.dtype == torch.float32:
+                        grad_w[:vocab].addmm_(g.T, h[rows])
+                    else:
+                        grad_w[:vocab] += (g.T @ h[rows]).float()
+                del g
+        return (None if grad_h is None else grad_h.to(hidden_dtype),
+                None if grad_w is None else grad_w.to(weight_dtype), None, None, None, None, None, None)
