@@ -16,6 +16,7 @@ from conftest import losses, run_ranks, run_txtrain
 from test_text import GPT2_RANKS, needs_gpt2_ranks
 from txtrain.config import ConfigError, CorpusConfig, ModelConfig, TextTaskConfig
 from txtrain.model import Encoder
+from txtrain.sample import shown
 from txtrain.tasks import IGNORE_INDEX, build_task
 from txtrain.tasks.masked import MaskedTextTask
 from txtrain.tasks.tokenizers import (ByteTokenizer, CharTokenizer, MaskedTokenizer, TiktokenTokenizer,
@@ -164,7 +165,7 @@ def test_txtrain_sample_fills_each_mask_with_its_likeliest_tokens(mlm_run):
         probabilities = [float(p) for _, p in fills]
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
         assert 0 < sum(probabilities) <= 1
-        best.append(ast.literal_eval(fills[0][0]).strip() or " ")
+        best.append(shown(ast.literal_eval(fills[0][0])))
     assert filled == f"SOCRATES: What is v[{best[0]}]rtue, M[{best[1]}]no?"  # the likeliest, in place
     no_mask, = forked.run([mlm_run, "--prompt", "SOCRATES:"], mlm_run, command="txtrain-sample",
                           timeout=120)

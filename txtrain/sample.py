@@ -103,10 +103,15 @@ def print_fills(model, device: torch.device, codec, prompt: str, fills: int) -> 
     with torch.no_grad():
         choices = fill_masks(model, codec, prompt, fills, device)
     pieces = prompt.split(codec.spelling)
-    print("".join(piece + (f"[{choices[i][0][0].strip() or choices[i][0][0]}]" if i < len(choices) else "")
+    print("".join(piece + (f"[{shown(choices[i][0][0])}]" if i < len(choices) else "")
                   for i, piece in enumerate(pieces)))
     for i, options in enumerate(choices, start=1):
         print(f"{codec.spelling} {i}: " + " | ".join(f"{text!r} {p:.3f}" for text, p in options))
+
+
+def shown(fill: str) -> str:
+    """A fill as it reads in the prompt: without its leading space; white space escaped."""
+    return fill.strip() or repr(fill)[1:-1]
 
 
 def main(argv: list[str] | None = None) -> None:
