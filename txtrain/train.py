@@ -170,7 +170,8 @@ class Trainer:
         # Every rank knows the global count: losses are sums / it. The model computes them
         # through its head, chunk by chunk (model/chunked_loss.py).
         loss_fn = TokenLoss(self.cfg.train.label_smoothing, self.cfg.train.loss_chunk_tokens,
-                            divide_by=batch.n_targets, ignore_index=IGNORE_INDEX)
+                            divide_by=batch.n_targets, ignore_index=IGNORE_INDEX,
+                            skip_ignored=batch.n_targets < batch.targets.numel())  # known on the host
         micro_batches = self.strategy.local_batch(batch).split(self.micro_batch_size)
         loss = self.strategy.forward_backward(self.model, micro_batches, loss_fn, self.precision)
         loss = self.strategy.reduce_sum(loss)

@@ -42,6 +42,7 @@ class TokenLoss:
     divide_by: float = 1.0
     ignore_index: int = IGNORE_INDEX
     hits: bool = False
+    skip_ignored: bool = True  # ignored rows never reach the head (finding them costs a host sync)
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  vocab_size: int):
@@ -53,7 +54,7 @@ class TokenLoss:
             if logits.shape[-1] > vocab_size:
                 logits = logits[..., :vocab_size]
             return self.from_logits(logits, targets)
-        if not self.hits:
+        if self.skip_ignored and not self.hits:
             # Ignored targets add nothing: their rows never reach the head (BERT's unchosen 85%,
             # a toy task's prompt). One host sync, for the count.
             keep = (targets != self.ignore_index).nonzero().squeeze(1)

@@ -125,10 +125,15 @@ class Strategy:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip to max_norm (0: measure only) and return the global norm before clipping."""
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = self.global_norm(nn.utils.get_total_norm([p.grad for p in params]))
+        norm = self.global_norm(nn.utils.get_total_norm([p.grad for p in self.counted_in_norm(params)]))
         if max_norm > 0:
             nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
+
+    def counted_in_norm(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters whose gradients this rank counts in the global norm (a strategy
+        holding one parameter on two ranks counts it on one)."""
+        return params
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         """The 2-norm of all gradients from the norm of this rank's (identical everywhere

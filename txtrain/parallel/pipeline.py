@@ -154,14 +154,9 @@ class Pipeline(Strategy):
         for param in self.tied:
             dist.all_reduce(param.grad, group=self.tied_group)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.grad is not None]
+    def counted_in_norm(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         # A tied matrix's gradient, on two ranks, counts once: on the first stage's.
-        counted = [p.grad for p in params if id(p) not in self.mirrors]
-        norm = self.global_norm(nn.utils.get_total_norm(counted))
-        if max_norm > 0:
-            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return norm
+        return [p for p in params if id(p) not in self.mirrors]
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         # Each rank holds different parameters: add the squares of the stages' norms.
