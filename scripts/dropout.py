@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from txtrain.cli import compose_config
 from txtrain.summary import read_jsonl
+from txtrain.tasks.base import Evaluation
 from txtrain.tasks.corpus import local_corpus
 from txtrain.train import Trainer
 
@@ -52,27 +52,21 @@ def write_slice(data: Path, chars: int, folder: Path) -> Path:
     return path
 
 
-def measure_train_loss_too(task) -> None:
-    """Make the task's evaluation also report ``train_loss``: the loss, in evaluation mode, on
-    as many consecutive windows from the start of the training tokens as validation reads."""
-    evaluate_val = task.evaluate
-    T = task.cfg.seq_len
+def measure_train_loss_too(trainer: Trainer) -> None:
+    """Make the run's evaluation also report ``train_loss``: the loss, in evaluation mode, on
+    as many consecutive windows from the start of the training tokens as validation reads,
+    scored as the validation windows are (``Evaluation``), through the run's strategy."""
+    task, evaluate = trainer.task, trainer.strategy.evaluate
+    T, rows = task.cfg.seq_len, trainer.cfg.train.eval_batch_size
     n = min(len(task.val_starts()), (len(task.train_tokens) - 1) // T)
-    starts = np.arange(n) * T
+    batches = [np.arange(first, min(first + rows, n)) * T for first in range(0, n, rows)]
+    training = Evaluation(len(batches), lambda i: task.windows(task.train_tokens, batches[i]), task.score,
+                          lambda sums: {"train_loss": sums["loss_sum"] / sums["tokens"]}, task.totals)
 
-    @torch.no_grad()
-    def evaluate(forward, batch_size: int) -> dict[str, float]:
-        results = evaluate_val(forward, batch_size)
-        loss_sum, n_tokens = 0.0, 0
-        for first in range(0, n, batch_size):
-            batch = task.windows(task.train_tokens, starts[first:first + batch_size])
-            logits = forward(*batch.model_args())
-            targets = batch.targets.to(logits.device)
-            loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
-            n_tokens += targets.numel()
-        return {**results, "train_loss": loss_sum / n_tokens}
+    def evaluate_both(model, validation: Evaluation) -> dict[str, float]:
+        return {**evaluate(model, validation), **evaluate(model, training)}
 
-    task.evaluate = evaluate
+    trainer.strategy.evaluate = evaluate_both
 
 
 def main() -> None:
@@ -100,7 +94,7 @@ def main() -> None:
             f"model.dropout={p}", "progress=false", *steps, *args.overrides)
         started = time.perf_counter()
         trainer = Trainer(cfg, work / f"dropout-{p}")
-        measure_train_loss_too(trainer.task)
+        measure_train_loss_too(trainer)
         trainer.fit()
         results.append(result(p, trainer.run_dir, time.perf_counter() - started))
         r = results[-1]

@@ -2,13 +2,15 @@
 
 A mistake the user made (a bad override, an impossible value, a missing file) ends with one
 line on stderr that starts with ``error:`` and exit status 2. Anything else is a bug and keeps
-its traceback.
+its traceback. A run returns its objective to Hydra, for a sweeper that optimizes it
+(txtrain/objective.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from txtrain import distributed, rundir
+from txtrain import distributed, objective, rundir
 from txtrain.config import Config, ConfigError, TrainingStopped, register_configs
 from txtrain.stopping import INTERRUPTED_STATUS, Interrupted, NotStarted, StopRequests
 
@@ -70,37 +72,50 @@ def compose_config(*overrides: str) -> Config:
 
 
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base=None)
-def run(raw: DictConfig) -> dict:
-    trainer = None
+def run(raw: DictConfig) -> float | None:
+    """Train; returns the run's objective (None for a plan), the same on every rank."""
+    trainer, direction = None, None
     try:
         cfg = to_config(raw)
         if cfg.plan.only:
             from txtrain.planner import plan_only  # torch loads only once the config is good
 
             print("\n".join(plan_only(cfg)), flush=True)
-            return {}
+            return None
         distributed.join_job()  # for a task that submitit started (main() did it otherwise)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        direction = objective.search_direction()
         with StopRequests(cfg.train.stop_signal, starting=True) as stop:
             if cfg.launch.nproc_per_node > 1 and not distributed.under_torchrun():
-                return launch(cfg.launch.nproc_per_node, run_dir, stop)
+                objective.check_direction(cfg.objective, None, direction)  # the workers know the task
+                launch(cfg.launch.nproc_per_node, run_dir, stop)
+                return objective.returned(objective.recorded(cfg.objective, run_dir), direction)
             rundir.take(run_dir)  # the workers of launch.nproc_per_node take it, not their parent
             if stop.received and not distributed.under_torchrun():  # before loading torch
                 raise NotStarted(stop.received)
             from txtrain.train import Trainer  # torch loads only once the config is known to be good
 
             trainer = Trainer(cfg, run_dir)
+            objective.check_direction(cfg.objective, trainer.task.main_metric, direction)
             if stop.agreed(trainer.device):  # every rank, whichever of them got the signal
                 raise NotStarted(stop.received)
         if trainer.strategy.is_main:
             record_config(raw, run_dir)
         summary = trainer.fit()
+        value = distributed.decided_by_rank_0(lambda: objective.objective_value(cfg.objective, summary))
     except ConfigError as error:
         # Leave here rather than through Hydra, which would add a line of its own.
         leave_no_trace()
         exit_with_user_error(error)
     except TrainingStopped as error:
-        exit_with_user_error(error, status=1)
+        if direction is None:
+            exit_with_user_error(error, status=1)
+        # In a search, a diverged trial is its worst one and the search goes on.
+        worst = objective.returned(math.nan, direction)
+        report_error(error, f" (this trial returns {worst}, the worst, and the search goes on)")
+        if trainer is not None:
+            trainer.strategy.close()
+        return worst
     except (Interrupted, NotStarted) as stopped:
         if isinstance(stopped, NotStarted):
             leave_no_trace()
@@ -118,10 +133,10 @@ def run(raw: DictConfig) -> dict:
     if trainer.strategy.is_main:
         print(summary_line(summary, trainer.run_dir), flush=True)
     trainer.strategy.close()
-    return summary
+    return objective.returned(value, direction)
 
 
-def launch(nproc_per_node: int, run_dir: Path, stop: StopRequests) -> dict:
+def launch(nproc_per_node: int, run_dir: Path, stop: StopRequests) -> None:
     """Train in ``nproc_per_node`` processes started here; they lock the run dir themselves."""
     if stop.received:
         raise NotStarted(stop.received)
@@ -132,7 +147,6 @@ def launch(nproc_per_node: int, run_dir: Path, stop: StopRequests) -> dict:
         if failed.code:  # e.g. the workers refused the config: no empty run dir stays
             leave_no_trace()
         raise
-    return {}
 
 
 def record_config(raw: DictConfig, run_dir: Path) -> None:
@@ -274,9 +288,13 @@ def expand_plan_flag(arg: str) -> str:
 
 
 def exit_with_user_error(error: BaseException, status: int = USER_ERROR_STATUS) -> None:
-    if distributed.env_rank() == 0:  # every rank has the same config, and the same mistake
-        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
+    report_error(error)
     sys.exit(status)
+
+
+def report_error(error: BaseException, then: str = "") -> None:
+    if distributed.env_rank() == 0:  # every rank has the same config, and the same mistake
+        print(f"error: {describe_error(error)}{then}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -78,8 +78,19 @@ class SyntheticKind(Choice):
 
 
 class Logger(Choice):
-    jsonl = "jsonl"
+    jsonl = "jsonl"  # always on; named alone: no other logger
     tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+def logger_list(value: Any) -> list[Logger]:
+    """``logger=wandb`` or ``logger=[tensorboard,wandb]`` as a list of loggers."""
+    names = list(value) if isinstance(value, (list, tuple)) else [value]
+    for name in names:
+        require(isinstance(name, str) and name in Logger.__members__,
+                f"logger: unknown logger {name!r}; choose jsonl, tensorboard or wandb, or a list "
+                "of them: logger=[tensorboard,wandb] (JSONL is always on)")
+    return [Logger(name) for name in dict.fromkeys(names)]
 
 
 class Dtype(Choice):
@@ -359,15 +370,21 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
+    # What the run returns to a sweeper that optimizes it (hydra/sweeper=optuna): a metric of
+    # its final result (exact_match, val_loss, ...); None: the task's evaluation loss.
+    objective: Optional[str] = None
     resume: str = "auto"  # auto (latest in the run dir) | never | a checkpoint path
     overwrite: bool = False  # with resume=never: start over in a run dir that holds checkpoints
     progress: bool = True  # progress bar, shown only on a terminal
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each block (the first steps pay for compiling)
     keep_freed_memory: bool = True  # CPU: glibc reuses freed big blocks (faster steps, more resident memory)
-    logger: Logger = Logger.jsonl  # tensorboard: also TensorBoard event files (JSONL stays on)
+    # JSONL always, plus tensorboard and/or wandb: logger=wandb, logger=[tensorboard,wandb].
+    # Any: a word or a list; __post_init__ makes it a list of Logger.
+    logger: Any = "jsonl"
 
     def __post_init__(self) -> None:  # checks across groups
+        self.logger = logger_list(self.logger)
         self.parallel.check_run(self)
         seq2seq = self.model.arch == Arch.encoder_decoder
         require(not (seq2seq and isinstance(self.task, TextTaskConfig)),

@@ -1,4 +1,5 @@
-"""What a run reports: JSONL logs in the run dir, a progress bar, and messages.
+"""What a run reports: JSONL logs in the run dir, a progress bar, messages, and the scalars
+and config for the loggers chosen besides JSONL (TensorBoard, Weights & Biases).
 
 Only the main rank writes; the others get a logger that does nothing."""
 
@@ -6,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from txtrain.config import ConfigError
@@ -21,20 +25,25 @@ log = logging.getLogger("txtrain")
 
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool, progress: bool, start_step: int, total_steps: int,
-                 tensorboard: bool = False):
+                 loggers: Iterable[str] = (), config: dict | None = None):
+        """``loggers``: ``cfg.logger`` (jsonl, which is always on, tensorboard, wandb);
+        ``config``: the run's resolved config as plain values, for them to record."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.run_fields: dict = {}
         self.files = {}
-        self.board = None  # TensorBoard's SummaryWriter, with logger=tensorboard
+        self.scalar_logs: list = []  # TensorBoardLog, WandbLog
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            for name in loggers:  # first: one that cannot start (a missing package) leaves no open file
+                if name == "tensorboard":
+                    self.scalar_logs.append(TensorBoardLog(run_dir / "tensorboard", config or {}))
+                elif name == "wandb":
+                    self.scalar_logs.append(WandbLog(run_dir, start_step, config or {}))
             for name in ("metrics", "eval"):
                 drop_records_after(run_dir / f"{name}.jsonl", start_step)
             self.files = {name: open(run_dir / f"{name}.jsonl", "a", encoding="utf-8")
                           for name in ("metrics", "eval")}
-            if tensorboard:
-                self.board = summary_writer(run_dir / "tensorboard")
         show_bar = enabled and progress and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_bar,
                         dynamic_ncols=True, unit="step", leave=False)
@@ -78,15 +87,12 @@ class RunLog:
                     out.write(f"--- prompt {prompt!r} ---\n{prompt}{text}\n")
 
     def scalars(self, section: str, record: dict) -> None:
-        """The numbers of ``record`` as TensorBoard scalars ``section/name`` at its step."""
-        if self.board is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(f"{section}/{name}", value, record["step"])
-
-    def text(self, name: str, text: str) -> None:
-        if self.board is not None:
-            self.board.add_text(name, f"```\n{text}\n```")  # Markdown: keep the layout
+        """The numbers of ``record`` as scalars ``section/name`` at its step, to each logger
+        besides JSONL."""
+        numbers = {f"{section}/{name}": value for name, value in record.items()
+                   if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for scalar_log in self.scalar_logs:
+            scalar_log.scalars(numbers, record["step"])
 
     def _write(self, name: str, record: dict) -> None:
         handle = self.files[name]
@@ -97,8 +103,69 @@ class RunLog:
         self.bar.close()
         for handle in self.files.values():
             handle.close()
-        if self.board is not None:
-            self.board.close()
+        for scalar_log in self.scalar_logs:
+            scalar_log.close()
+
+
+class TensorBoardLog:
+    """Event files under ``folder``: the scalars, and the config as text."""
+
+    def __init__(self, folder: Path, config: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("logger=tensorboard needs the tensorboard package: pip install "
+                              "'txtrain[tensorboard]'") from None
+        self.writer = SummaryWriter(str(folder))
+        self.writer.add_text("config", f"```\n{OmegaConf.to_yaml(config)}\n```")  # Markdown: keep the layout
+
+    def scalars(self, numbers: dict, step: int) -> None:
+        for name, value in numbers.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLog:
+    """A Weights & Biases run, its files under ``<run dir>/wandb/``: the config, and the scalars
+    at the training step. WANDB_MODE=offline logs without a network (``wandb sync`` uploads);
+    WANDB_PROJECT (default txtrain), WANDB_ENTITY and WANDB_NAME choose where and what name."""
+
+    def __init__(self, run_dir: Path, start_step: int, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("logger=wandb needs the wandb package: pip install 'txtrain[wandb]'") from None
+        try:
+            # allow_val_change: a resumed run may change what may change (train.steps, ...)
+            self.run = wandb.init(id=wandb_run_id(run_dir / "wandb" / "run_id", start_step), resume="allow",
+                                  dir=str(run_dir), config=config, allow_val_change=True,
+                                  project=os.environ.get("WANDB_PROJECT") or "txtrain")
+        except wandb.errors.Error as error:  # not logged in, no network: say so in one line
+            raise ConfigError(f"logger=wandb: {error} (WANDB_MODE=offline logs without an account)") from None
+
+    def scalars(self, numbers: dict, step: int) -> None:
+        # wandb's step is the training step. wandb ignores (with a warning) a step below the
+        # run's last: a run resumed from its checkpoint at step N logs the steps after N again,
+        # and for those that a killed process had already logged, wandb keeps the killed
+        # process's values (a resume repeats their losses; only the timings differ).
+        self.run.log(numbers, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_run_id(id_file: Path, start_step: int) -> str:
+    """The wandb run id of this run dir. Kept in a file in the run dir rather than derived
+    from its path, so that a run dir moved or copied elsewhere still continues its wandb run.
+    A run that starts at step 0 gets a new one: it starts over, as metrics.jsonl does."""
+    if start_step > 0 and id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = secrets.token_hex(4)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    return run_id
 
 
 class Speed:
@@ -132,15 +199,6 @@ class Speed:
                  "data_wait": self.data_seconds / seconds}
         self.restart(tokens, step)
         return speed
-
-
-def summary_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install "
-                          "'txtrain[tensorboard]' (or logger=jsonl)") from None
-    return SummaryWriter(str(folder))
 
 
 def drop_records_after(path: Path, step: int) -> None:

@@ -44,6 +44,7 @@ RUNTIME_ONLY = {"dropout", "impl", "activation_checkpointing"}
 # Config keys (and whole subtrees) that may differ between a run and its continuation.
 MAY_CHANGE = (
     "resume", "overwrite", "progress", "device", "compile", "logger", "launch", "plan", "parallel",
+    "objective",  # what a sweeper reads from the run, not what it learns
     "precision.tf32", "model.impl", "model.activation_checkpointing",
     "train.steps", "train.micro_batch_size", "train.log_every", "train.eval_every",
     "train.save_every", "train.keep_last", "train.stop_signal", "train.eval_batch_size",
@@ -57,7 +58,7 @@ MAY_CHANGE = (
 # What a run writes in its run dir besides checkpoints/ and the log file (cli.record_config
 # writes .hydra/ again once the new run has passed its checks).
 RUN_OUTPUTS = ("metrics.jsonl", "eval.jsonl", "samples.txt", "run.json", "memory.json", "loss.png",
-               "tensorboard", ".hydra")
+               "tensorboard", "wandb", ".hydra")
 
 
 @dataclass

@@ -7,6 +7,10 @@ second and wall time. A run trained with ``train.patience`` shows its best check
 and metric, as its run.json records them (the best by more than ``train.min_delta``: the
 checkpoint ``txtrain-sample --best`` loads), and whether it stopped early.
 
+A search (``hydra/sweeper=optuna``) adds each trial's ``objective`` (what the run returned to
+the sweeper) after its overrides, and a line under the table naming the best trial, from the
+sweeper's ``optimization_results.yaml``.
+
 Runs that differ only in ``seed`` are one row: ``n_seeds``, and for the final loss and the
 best evaluation their mean, standard deviation and the half-width of a 95% confidence interval
 (Student's t); ``--baseline "optim.lr=1e-3"`` adds each group's Welch t-test p-value against
@@ -25,8 +29,12 @@ from pathlib import Path
 
 import yaml
 
+from txtrain.config import ConfigError
+from txtrain.objective import objective_value
+
 BEST = {"exact_match": max, "val_loss": min, "eval_loss": min}  # in this order of preference
 SEED = "seed"
+SEARCH_RESULTS = "optimization_results.yaml"  # what hydra-optuna-sweeper writes into the sweep dir
 
 
 # -- Student's t, without scipy -------------------------------------------------------------
@@ -170,7 +178,55 @@ def summarize(run_dir: Path, overrides: list[str], keys: list[str]) -> dict:
 def summary_rows(sweep_dir: Path) -> list[dict]:
     runs = find_runs(sweep_dir)
     keys = varying(runs)
-    return [summarize(run_dir, overrides, keys) for run_dir, overrides in runs.items()]
+    rows = [summarize(run_dir, overrides, keys) for run_dir, overrides in runs.items()]
+    if (sweep_dir / SEARCH_RESULTS).is_file():  # drawn values as numbers: the table rounds them
+        rows = [{**row, **{key: as_number(row[key]) for key in keys}} for row in rows]
+        rows = [{**{key: row[key] for key in keys}, "objective": trial_objective(run_dir), **row}
+                for row, run_dir in zip(rows, runs)]
+    return rows
+
+
+def as_number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def trial_objective(run_dir: Path) -> float | None:
+    """What the run returned to the sweeper: its ``objective`` (from its saved config) in its
+    run.json's result. None for a run that has no result (it diverged: the sweeper got the
+    worst value)."""
+    config_file, info_file = run_dir / ".hydra" / "config.yaml", run_dir / "run.json"
+    if not (config_file.is_file() and info_file.is_file()):
+        return None
+    objective = (yaml.safe_load(config_file.read_text()) or {}).get("objective")
+    try:
+        return objective_value(objective, json.loads(info_file.read_text()).get("result", {}))
+    except ConfigError:  # no such value in this run's result
+        return None
+
+
+def best_trial(sweep_dir: Path, rows: list[dict]) -> str | None:
+    """The best trial of a search in one line, from the sweeper's results; None where there
+    are none (or several: a multi-objective search's Pareto front)."""
+    path = sweep_dir / SEARCH_RESULTS
+    results = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not results or "best_params" not in results:
+        return None
+    params, value = results["best_params"], results["best_value"]
+    runs = find_runs(sweep_dir)
+    matching = [run_dir.name for run_dir, overrides in runs.items()
+                if all(any(k == name and same_value(v, str(wanted))
+                           for k, _, v in (o.partition("=") for o in overrides))
+                       for name, wanted in params.items())]
+    # Several runs may share the parameters (a choice drawn twice): the one that returned the value.
+    returned = {row["run_dir"]: row.get("objective") for row in rows}
+    run = next((r for r in matching if returned.get(r) == value), matching[0] if matching else "?")
+    chosen = " ".join(f"{name}={as_text(wanted)}" for name, wanted in params.items())
+    return f"best trial: run {run}, {chosen}, objective {as_text(value)}"
 
 
 def seed_groups(runs: dict[Path, list[str]]) -> dict[tuple[str, ...], list[Path]]:
@@ -252,13 +308,13 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
+def write_summary(sweep_dir: Path, rows: list[dict], best: str | None = None) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with (sweep_dir / "summary.csv").open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(markdown(rows))
+    (sweep_dir / "summary.md").write_text(markdown(rows) + (f"\n{best}\n" if best else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,8 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    write_summary(sweep_dir, rows)
-    print(markdown(rows), end="")
+    best = best_trial(sweep_dir, rows)
+    write_summary(sweep_dir, rows, best)
+    print(markdown(rows) + (f"\n{best}\n" if best else ""), end="")
 
 
 if __name__ == "__main__":

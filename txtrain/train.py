@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from txtrain.allocator import keep_freed_memory
 from txtrain.checkpoint import Checkpoints, SaveFailed
@@ -87,9 +86,8 @@ class Trainer:
                                         self.early_stop.should_stop)) is not None:
             return finished
         log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps,
-                     tensorboard=self.cfg.logger == "tensorboard")
+                     loggers=self.cfg.logger, config=plain(self.cfg))
         self.announce(log)
-        log.text("config", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         log.run_info(**run_identity(self.strategy.world_size, self.device))
         started, tokens_at_start = time.perf_counter(), self.tokens
         speed = Speed(self.tokens, self.step)
@@ -219,8 +217,8 @@ class Trainer:
     def evaluate(self, log: RunLog) -> dict:
         self.model.eval()
         with self.peak_memory.paused(), self.precision.autocast():  # not a training step's memory
-            results = self.strategy.evaluate(
-                self.model, lambda forward: self.task.evaluate(forward, self.cfg.train.eval_batch_size))
+            # the strategy splits the held-out batches over the data-parallel ranks
+            results = self.strategy.evaluate(self.model, self.task.evaluation(self.cfg.train.eval_batch_size))
             samples = self.generate_samples()
         self.model.train()
         self.last_eval = {"step": self.step, **results}

@@ -27,7 +27,7 @@ from txtrain.model.base import tied_aliases
 from txtrain.model.chunked_loss import TokenLoss
 from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import Precision
-from txtrain.tasks.base import Batch
+from txtrain.tasks.base import Batch, Evaluation
 
 # inputs -> logits; forward(*inputs, targets=, loss=TokenLoss) -> the loss (tasks/base.py)
 Forward = Callable[..., torch.Tensor]
@@ -141,8 +141,27 @@ class Strategy:
         return local_norm
 
     # --- evaluation -------------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
-        """``run(forward)`` evaluates a task through ``forward``; every rank gets the results."""
+    def evaluate(self, model: nn.Module, evaluation: Evaluation) -> dict:
+        """The task's metrics, the same on every rank. Each data-parallel rank scores every
+        data_parallel_size-th batch (the batches as one process makes them), and the ranks add
+        up their tables of per-batch sums: the figures one process computes (``Evaluation``)."""
+        forward = self.evaluation_forward(self.evaluation_model(model))
+        mine = range(self.data_parallel_rank, evaluation.n_batches, self.data_parallel_size)
+        table = evaluation.score_table(forward, mine)
+        rounds = -(-evaluation.n_batches // self.data_parallel_size)
+        self.join_forwards(forward, evaluation, rounds - len(mine))
+        if self.data_parallel_size > 1:  # then the data-parallel ranks are all the ranks
+            table = table.to(self.device)  # (NCCL reduces CUDA tensors only)
+            dist.all_reduce(table)
+        return evaluation.result(table.cpu())
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        """The module evaluation runs: the prepared model, unless a wrapper would talk to
+        other ranks in a forward that they, evaluating other batches, do not make."""
+        return model
+
+    def evaluation_forward(self, model: nn.Module) -> Forward:
+        """``model`` taking inputs from the host, with the model's own loss (``targets=``)."""
         def forward(*args: torch.Tensor, targets: torch.Tensor | None = None,
                     loss: TokenLoss | None = None):
             if targets is not None:
@@ -150,7 +169,11 @@ class Strategy:
             return model(*(tensor.to(self.device) for tensor in args), targets=targets, loss=loss)
 
         forward.takes_targets = True  # the model's own loss (chunked_loss.evaluation_loss)
-        return run(forward)
+        return forward
+
+    def join_forwards(self, forward: Forward, evaluation: Evaluation, missing: int) -> None:
+        """A rank with ``missing`` batches fewer than the busiest (the batches rarely divide
+        evenly) makes up that many forwards where a forward talks to the other ranks."""
 
     def generate(self, model: nn.Module, run: Callable[[NextLogits], object]):
         """``run(next_logits)`` samples through ``next_logits`` (the logits of the last position

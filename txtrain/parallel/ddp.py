@@ -44,3 +44,8 @@ class DDP(Strategy):
     def no_sync(self, model: nn.Module, last_micro_batch: bool) -> ContextManager:
         # Accumulate locally; the all-reduce runs once, in the last micro-batch's backward.
         return super().no_sync(model, last_micro_batch) if last_micro_batch else model.no_sync()
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        # The replica itself (the same weights on every rank): DDP's forward may broadcast
+        # buffers, a collective that a rank with fewer evaluation batches would not join.
+        return model.module

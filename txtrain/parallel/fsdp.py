@@ -17,9 +17,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from txtrain.config import Config
-from txtrain.parallel.base import Strategy
+from txtrain.parallel.base import Forward, Strategy
 from txtrain.parallel.specs import FSDPConfig
 from txtrain.precision import DTYPES
+from txtrain.tasks.base import Evaluation
 
 
 class FSDP(Strategy):
@@ -67,6 +68,12 @@ class FSDP(Strategy):
         # Keep unsharded gradients across micro-batches; reduce-scatter once, on the last.
         model.set_requires_gradient_sync(last_micro_batch)
         return super().no_sync(model, last_micro_batch)
+
+    def join_forwards(self, forward: Forward, evaluation: Evaluation, missing: int) -> None:
+        # Every forward gathers the blocks' weights from all ranks, so a rank with fewer batches
+        # joins the others' last forwards: with one row of the first batch, its score dropped.
+        for _ in range(missing):
+            evaluation.score(forward, evaluation.batch(0)[:1])
 
     def global_norm(self, local_norm: torch.Tensor) -> torch.Tensor:
         # The gradients are sharded DTensors, and so is the norm computed from them.

@@ -182,8 +182,10 @@ class Pipeline(Strategy):
 
     # --- evaluation -------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, run: Callable[[Forward], dict]) -> dict:
-        """Every rank runs the task's evaluation in step; only the last stage has logits, so the
-        others see a stand-in, and the last stage's results are shared with all."""
+        """Every rank runs the whole evaluation in step (one pipeline: no data-parallel ranks to
+        split it over); ``run(forward)``: a task's ``Evaluation``, or any function of a forward.
+        Only the last stage has logits, so the others see a stand-in, and the last stage's
+        results are shared with all."""
         def forward(inputs: torch.Tensor, targets: torch.Tensor | None = None,
                     loss: TokenLoss | None = None):
             logits = self.forward_only(inputs)

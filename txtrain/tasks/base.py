@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -70,6 +71,40 @@ def collate_seq2seq(triples: list[tuple[list[int], list[int], list[int]]]) -> Ba
 
 
 Forward = Callable[..., torch.Tensor]  # forward(*batch.model_args()) -> logits (B, T, V)
+Sums = dict[str, float]  # what a batch adds to an evaluation: losses and counts, by name
+
+
+@dataclass
+class Evaluation:
+    """A task's evaluation as data: its held-out batches, what each batch adds up to, and the
+    metrics from the totals. Sums add up in any grouping, so a strategy may score each rank's
+    share of the batches and add up the ranks' scores (``Strategy.evaluate``). Called with a
+    forward, it scores every batch in this process: one process's evaluation."""
+
+    n_batches: int
+    batch: Callable[[int], Batch]  # the i-th held-out batch: the same on every rank
+    score: Callable[[Forward, Batch], Sums]  # one batch's sums, under the names in ``totals``
+    finish: Callable[[Sums], dict[str, float]]  # the metrics from the sums over all batches
+    totals: tuple[str, ...]  # the names of the sums
+
+    def score_table(self, forward: Forward, which: Iterable[int]) -> torch.Tensor:
+        """(n_batches, len(totals)) float64: the sums of the batches ``which``, zero elsewhere.
+        Kept batch by batch, so that ranks that each fill their own rows add up their tables
+        exactly (x + 0 is x)."""
+        table = torch.zeros(self.n_batches, len(self.totals), dtype=torch.float64)
+        for i in which:
+            sums = self.score(forward, self.batch(i))
+            table[i] = torch.tensor([float(sums[name]) for name in self.totals], dtype=torch.float64)
+        return table
+
+    def result(self, table: torch.Tensor) -> dict[str, float]:
+        """The metrics from every batch's sums (a ``score_table`` of all the batches). Each
+        total is rounded once (fsum), so it is the same whoever scored which batch, in
+        whatever order."""
+        return self.finish({name: math.fsum(column) for name, column in zip(self.totals, table.T.tolist())})
+
+    def __call__(self, forward: Forward) -> dict[str, float]:
+        return self.result(self.score_table(forward, range(self.n_batches)))
 
 
 class Codec(Protocol):
@@ -108,4 +143,9 @@ class Task(Protocol):
         """The global batch of a step: a pure function of the run's seed and the step, so a
         resumed run reads exactly the data an uninterrupted one would have."""
 
-    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]: ...
+    def evaluation(self, batch_size: int) -> Evaluation:
+        """The held-out set in batches of ``batch_size`` (or fewer rows, where the task's
+        memory bound says so) and how to score them."""
+
+    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]:
+        """One process's evaluation: ``self.evaluation(batch_size)(forward)``."""

@@ -19,8 +19,8 @@ import torch
 
 from txtrain.config import TextTaskConfig
 from txtrain.model.chunked_loss import TokenLoss, evaluation_loss
-from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward
-from txtrain.tasks.text import EVAL_LOGITS_BUDGET, TextTask
+from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward, Sums
+from txtrain.tasks.text import TextTask
 from txtrain.tasks.tokenizers import MaskedTokenizer
 
 REPLACE_WITH_MASK, REPLACE_WITH_RANDOM = 0.8, 0.1  # of the chosen positions; the rest stay
@@ -28,6 +28,8 @@ VALIDATION_STREAM = 1  # keeps validation's draws apart from every training step
 
 
 class MaskedTextTask(TextTask):
+    totals = ("loss_sum", "correct", "chosen")  # what each validation batch adds up (score)
+
     def __init__(self, cfg: TextTaskConfig, seed: int, progress: bool = True):
         super().__init__(cfg, seed, progress)
         self.codec = MaskedTokenizer(self.data.codec)
@@ -70,20 +72,17 @@ class MaskedTextTask(TextTask):
         return Batch(torch.cat([row.inputs for row in rows]), torch.cat([row.targets for row in rows]))
 
     @torch.no_grad()
-    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]:
-        rows = max(1, min(batch_size, EVAL_LOGITS_BUDGET // (self.cfg.seq_len * self.vocab_size)))
-        starts = self.val_starts()
-        loss_sum, correct, n_chosen = 0.0, 0, 0
-        for first in range(0, len(starts), rows):
-            batch = self.validation_batch(starts[first:first + rows])
-            # The model's own loss over the chosen tokens (the others are ignored), and whether
-            # each token's argmax is its target, chunk by chunk: never the whole logits
-            loss, hits = evaluation_loss(forward, batch.model_args(), batch.targets, TokenLoss(hits=True))
-            chosen = (batch.targets != IGNORE_INDEX).flatten().to(hits.device)
-            loss_sum += float(loss)
-            correct += int((hits & chosen).sum())
-            n_chosen += int(chosen.sum())
-        return {"val_loss": loss_sum / n_chosen, "mlm_accuracy": correct / n_chosen}
+    def score(self, forward: Forward, batch: Batch) -> Sums:
+        # The model's own loss over the chosen tokens (the others are ignored), and whether
+        # each token's argmax is its target, chunk by chunk: never the whole logits
+        loss, hits = evaluation_loss(forward, batch.model_args(), batch.targets, TokenLoss(hits=True))
+        chosen = (batch.targets != IGNORE_INDEX).flatten().to(hits.device)
+        return {"loss_sum": float(loss), "correct": int((hits & chosen).sum()), "chosen": int(chosen.sum())}
+
+    @staticmethod
+    def finish(sums: Sums) -> dict[str, float]:
+        return {"val_loss": sums["loss_sum"] / sums["chosen"],
+                "mlm_accuracy": sums["correct"] / sums["chosen"]}
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import torch
 
 from txtrain.config import ConfigError, SyntheticTaskConfig
 from txtrain.model.chunked_loss import TokenLoss, evaluation_loss
-from txtrain.tasks.base import IGNORE_INDEX, Batch, Forward, collate, collate_seq2seq
+from txtrain.tasks.base import (IGNORE_INDEX, Batch, Evaluation, Forward, Sums, collate,
+                                collate_seq2seq)
 
 SEP, EOS = 1, 2  # 0 is padding
 FIRST_SYMBOL = 3
@@ -25,6 +26,7 @@ HELD_OUT_SEED = "held-out"  # the held-out set is the same for every run seed
 
 class SyntheticTask:
     main_metric = ("exact_match", "max")  # what train.patience watches: (evaluate's key, up or down)
+    totals = ("correct", "sequences", "loss_sum", "tokens")  # what each held-out batch adds up (score)
 
     def __init__(self, cfg: SyntheticTaskConfig, seed: int, seq2seq: bool = False):
         self.cfg = cfg
@@ -142,8 +144,15 @@ class SyntheticTask:
         return [self.collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
 
     # --- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
+    def evaluation(self, batch_size: int) -> Evaluation:
+        batches = self.held_out_batches(batch_size)
+        return Evaluation(len(batches), batches.__getitem__, self.score, self.finish, self.totals)
+
     def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]:
+        return self.evaluation(batch_size)(forward)
+
+    @torch.no_grad()
+    def score(self, forward: Forward, batch: Batch) -> Sums:
         """Exact match of greedy decoding, computed in one teacher-forced pass per batch.
 
         Greedy decoding reproduces the answer exactly if and only if, at every answer
@@ -152,19 +161,18 @@ class SyntheticTask:
         teacher forcing gives the same verdict as decoding token by token, in one pass.
         (``txtrain.generate.greedy_exact_match`` decodes for real; a test checks they agree.)
         """
-        correct = total = 0
-        loss_sum = tokens = 0.0
-        for batch in self.held_out_batches(batch_size):
-            # The model's own loss and per-token argmax == target, through its head chunk by chunk
-            loss, hits = evaluation_loss(forward, batch.model_args(), batch.targets,
-                                         TokenLoss(ignore_index=IGNORE_INDEX, hits=True))
-            scored = (batch.targets != IGNORE_INDEX).to(hits.device)
-            hits = hits.view(scored.shape) | ~scored
-            correct += int(hits.all(dim=1).sum())
-            total += len(batch)
-            loss_sum += float(loss)
-            tokens += int(scored.sum())
-        return {"exact_match": correct / total, "eval_loss": loss_sum / tokens}
+        # The model's own loss and per-token argmax == target, through its head chunk by chunk
+        loss, hits = evaluation_loss(forward, batch.model_args(), batch.targets,
+                                     TokenLoss(ignore_index=IGNORE_INDEX, hits=True))
+        scored = (batch.targets != IGNORE_INDEX).to(hits.device)
+        hits = hits.view(scored.shape) | ~scored
+        return {"correct": int(hits.all(dim=1).sum()), "sequences": len(batch),
+                "loss_sum": float(loss), "tokens": int(scored.sum())}
+
+    @staticmethod
+    def finish(sums: Sums) -> dict[str, float]:
+        return {"exact_match": sums["correct"] / sums["sequences"],
+                "eval_loss": sums["loss_sum"] / sums["tokens"]}
 
 
 class SyntheticCodec:

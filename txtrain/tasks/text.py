@@ -21,7 +21,7 @@ import torch
 
 from txtrain.config import ConfigError, TextTaskConfig
 from txtrain.model.chunked_loss import TokenLoss, evaluation_loss
-from txtrain.tasks.base import Batch, Forward, Sampling
+from txtrain.tasks.base import Batch, Evaluation, Forward, Sampling, Sums
 from txtrain.tasks.corpus import find_corpus
 from txtrain.tasks.shards import TokenStream
 from txtrain.tasks.token_cache import cached_tokens
@@ -35,6 +35,7 @@ EVAL_LOGITS_BUDGET = 1 << 26
 
 class TextTask:
     main_metric = ("val_loss", "min")  # what train.patience watches: (evaluate's key, up or down)
+    totals = ("loss_sum", "tokens")  # what each validation batch adds up (score)
 
     def __init__(self, cfg: TextTaskConfig, seed: int, progress: bool = True):
         self.cfg = cfg
@@ -75,17 +76,31 @@ class TextTask:
             usable = min(usable, max(self.cfg.eval_tokens, self.cfg.seq_len))
         return np.arange(usable // self.cfg.seq_len) * self.cfg.seq_len
 
-    @torch.no_grad()
-    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]:
+    def evaluation(self, batch_size: int) -> Evaluation:
+        """The held-out windows in batches of ``batch_size`` (fewer rows where their logits
+        would outgrow EVAL_LOGITS_BUDGET), each read when it is scored."""
         rows = max(1, min(batch_size, EVAL_LOGITS_BUDGET // (self.cfg.seq_len * self.vocab_size)))
         starts = self.val_starts()
-        loss_sum, n_tokens = 0.0, 0
-        for first in range(0, len(starts), rows):
-            batch = self.windows(self.val_tokens, starts[first:first + rows])
-            # The model's own loss: its head, chunk by chunk, never the whole logits
-            loss_sum += float(evaluation_loss(forward, batch.model_args(), batch.targets, TokenLoss()))
-            n_tokens += batch.targets.numel()
-        val_loss = loss_sum / n_tokens
+        batches = [starts[first:first + rows] for first in range(0, len(starts), rows)]
+        return Evaluation(len(batches), lambda i: self.validation_batch(batches[i]), self.score,
+                          self.finish, self.totals)
+
+    def evaluate(self, forward: Forward, batch_size: int) -> dict[str, float]:
+        return self.evaluation(batch_size)(forward)
+
+    def validation_batch(self, starts: np.ndarray) -> Batch:
+        """The held-out windows that begin at ``starts``."""
+        return self.windows(self.val_tokens, starts)
+
+    @torch.no_grad()
+    def score(self, forward: Forward, batch: Batch) -> Sums:
+        # The model's own loss: its head, chunk by chunk, never the whole logits
+        loss = evaluation_loss(forward, batch.model_args(), batch.targets, TokenLoss())
+        return {"loss_sum": float(loss), "tokens": batch.targets.numel()}
+
+    @staticmethod
+    def finish(sums: Sums) -> dict[str, float]:
+        val_loss = sums["loss_sum"] / sums["tokens"]
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700.0))}
 
 
