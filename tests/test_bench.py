@@ -1,21 +1,36 @@
 """The benchmark's yardstick and its report: scripts/reference.py trains exactly the model
 txtrain trains, and scripts/bench.py reports every figure it promises."""
 
+import ast
 import importlib.util
 import json
+import pickle
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import forked
 from conftest import make_config
 from txtrain.model import Transformer
+from txtrain.tasks import build_task
 from txtrain.train import Trainer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 WORDS = "the quick brown fox jumps over the lazy dog while socrates asks what justice is. "
+MiB = 2**20
+# nanoGPT's train.py as bench.py sees it: the lines it prints, and a resident peak of its own
+FAKE_NANOGPT_TRAIN = """
+import os, sys
+print("cwd", os.getcwd())
+print("argv", *sys.argv[1:])
+held = b"x" * (96 * 2**20)
+for it, ms in enumerate([900.0, 210.0, 190.0, 200.0, 400.0]):  # iteration 0 holds the evaluation
+    print(f"iter {it}: loss {4 - it / 10:.4f}, time {ms:.2f}ms, mfu -100.00%")
+"""
 
 
 def load_script(name: str):
@@ -88,3 +103,62 @@ def test_bench_says_why_it_cannot_run_the_reference(tmp_path):
     reason = bench.reference_mismatch(cfg)
     assert "GPT-2-like" in reason and "adamw" in reason
     assert bench.reference_mismatch(make_config(*text_run(tmp_path))) is None
+
+
+def test_bench_times_nanogpt_by_the_lines_its_train_py_prints(tmp_path):
+    bench = load_script("bench")
+    nanogpt = tmp_path / "nanogpt"
+    nanogpt.mkdir()
+    (nanogpt / "train.py").write_text(FAKE_NANOGPT_TRAIN)
+    cfg = make_config(*text_run(tmp_path, "model.bias=false"))
+    assert bench.nanogpt_mismatch(cfg, "cpu") is None
+    settings = bench.nanogpt_settings(cfg, "cpu", tmp_path / "data", tmp_path / "run", warmup=2, steps=3)
+    run = bench.run_nanogpt(nanogpt, settings, tmp_path / "nanogpt.log", warmup=2)
+
+    assert run["step_seconds"] == pytest.approx([0.19, 0.2, 0.4])  # iterations 0 and 1 warm up
+    assert run["tokens_per_s"] == pytest.approx(4 * 16 / 0.2)  # batch x window / median step
+    assert run["losses"] == pytest.approx([4.0, 3.9, 3.8, 3.7, 3.6])
+    # its own peak, not this process's (torch loaded), which a child started by vfork inherits
+    assert 96 * MiB < run["max_rss_bytes"] == run["peak_memory_bytes"] < 160 * MiB
+    log = (tmp_path / "nanogpt.log").read_text().splitlines()
+    assert f"cwd {nanogpt}" in log  # its configurator.py is read from its working directory
+    options = dict(option.removeprefix("--").split("=") for option in log[1].split()[1:])
+    assert options["dataset"] == str(tmp_path / "data") and options["out_dir"] == str(tmp_path / "run")
+    assert (options["bias"], options["compile"], options["dtype"], options["device"]) == ("False", "False",
+                                                                                      "float32", "cpu")
+    assert (options["batch_size"], options["block_size"], options["n_layer"], options["n_embd"]) == ("4", "16", "2", "32")
+    assert (options["max_iters"], options["eval_interval"], options["eval_iters"]) == ("4", "5", "1")
+    # nanoGPT's configurator keeps each option's type: floats must read as floats
+    assert all(type(ast.literal_eval(options[key])) is float for key in ("learning_rate", "grad_clip", "dropout"))
+
+    ours = [{"tokens_per_s": speed, "max_rss_bytes": memory * run["max_rss_bytes"]}
+            for speed, memory in ((160.0, 2.0), (480.0, 1.5), (320.0, 1.0))]
+    vs = bench.versus(ours, [run] * 3, "nanogpt")
+    assert vs["ratio_per_pair"] == pytest.approx([0.5, 1.5, 1.0]) and vs["ratio"] == pytest.approx(1.0)
+    assert vs["max_rss_ratio_per_pair"] == pytest.approx([2.0, 1.5, 1.0]) and vs["max_rss_ratio"] == pytest.approx(1.5)
+    assert vs["tokens_per_s_per_pair"]["nanogpt"] == [run["tokens_per_s"]] * 3
+
+    assert "max_seq_len" in bench.nanogpt_mismatch(make_config(*text_run(tmp_path, "model.max_seq_len=32")), "cpu")
+    assert "adamw" in bench.nanogpt_mismatch(make_config(*text_run(tmp_path, "optim=sgd")), "cpu")
+
+
+def test_nanogpt_reads_the_tokens_txtrain_trains_on(tmp_path):
+    bench = load_script("bench")
+    cfg = make_config(*text_run(tmp_path, "task.tokenizer=char"))
+    task = build_task(cfg.task, cfg.seed, progress=False)
+    folder = bench.nanogpt_data(task, tmp_path / "data")
+    for name, tokens in (("train.bin", task.train_tokens), ("val.bin", task.val_tokens)):
+        ids = np.fromfile(folder / name, dtype=np.uint16)
+        np.testing.assert_array_equal(ids, tokens.read(0, len(tokens)))
+    vocabulary = pickle.loads((folder / "meta.pkl").read_bytes())["vocab_size"]
+    assert vocabulary == task.vocab_size == len(set(WORDS))  # the corpus's characters, padded by neither
+
+
+def test_a_nanogpt_folder_without_train_py_is_a_one_line_error(tmp_path, monkeypatch):
+    bench = load_script("bench")
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--nanogpt", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    message = str(stop.value.code)
+    assert message.startswith("error:") and "train.py" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # said before anything ran
