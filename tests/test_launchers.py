@@ -59,7 +59,7 @@ def test_slurm_tasks_form_a_group_without_torchrun(reference, tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), PYTHONWARNINGS="ignore",
                    OMP_NUM_THREADS="1")
-        tasks.append(forked.start(["parallel=ddp", "train.micro_batch_size=16", *RUN,
+        tasks.append(forked.start(["parallel=ddp", "train.micro_batch_size=8", *RUN,
                                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env))
     for task in tasks:
         done = task.finish(300)

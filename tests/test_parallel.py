@@ -23,10 +23,11 @@ SAVED_AT = STEPS // 2  # a checkpoint that other layouts resume from
 # symbols padded to 15 rows, which FSDP splits unevenly (8 + 7).
 RUN = [f"train.steps={STEPS}", "train.log_every=1", f"train.save_every={SAVED_AT}", "train.eval_every=8",
        "task.n_eval=100", "model.n_layer=4", "model.n_embd=64", "model.tie_embeddings=false",
-       "model.vocab_multiple=5", "model.dropout=0", "precision=fp32", "progress=false"]
+       "model.vocab_multiple=5", "model.dropout=0", "precision=fp32", "progress=false",
+       "train.batch_size=32"]
 STRATEGIES = {  # name: (overrides, processes, relative tolerance)
-    "ddp": (["parallel=ddp", "train.micro_batch_size=16"], 2, 1e-4),  # 2 micro-batches per rank
-    "fsdp": (["parallel=fsdp", "train.micro_batch_size=16"], 2, 1e-4),
+    "ddp": (["parallel=ddp", "train.micro_batch_size=8"], 2, 1e-4),  # 2 micro-batches per rank
+    "fsdp": (["parallel=fsdp", "train.micro_batch_size=8"], 2, 1e-4),
     "fsdp-keep-gathered": (["parallel=fsdp", "parallel.reshard_after_forward=false"], 2, 1e-4),
     "pipeline-gpipe": (["parallel=pipeline", "parallel.schedule=gpipe"], 2, 1e-3),
     "pipeline-1f1b": (["parallel=pipeline", "parallel.schedule=1f1b"], 2, 1e-3),
