@@ -114,7 +114,7 @@ def run(raw: DictConfig) -> float | None:
         worst = objective.returned(math.nan, direction)
         report_error(error, f" (this trial returns {worst}, the worst, and the search goes on)")
         if trainer is not None:
-            trainer.strategy.close()
+            trainer.close()
         return worst
     except (Interrupted, NotStarted) as stopped:
         if isinstance(stopped, NotStarted):
@@ -122,7 +122,7 @@ def run(raw: DictConfig) -> float | None:
         if distributed.env_rank() == 0:
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)
         if trainer is not None:
-            trainer.strategy.close()
+            trainer.close()
         sys.exit(INTERRUPTED_STATUS)
     except OSError:  # a full disk, a folder that cannot be written: reported in one line
         raise
@@ -132,7 +132,7 @@ def run(raw: DictConfig) -> float | None:
         rundir.let_go()
     if trainer.strategy.is_main:
         print(summary_line(summary, trainer.run_dir), flush=True)
-    trainer.strategy.close()
+    trainer.close()
     return objective.returned(value, direction)
 
 

@@ -8,6 +8,7 @@ either.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -236,6 +237,15 @@ class Trainer:
             (prompt, complete(next_logits, self.task.codec, prompt, sampling, self.cfg.seed + i,
                               context=self.task.max_seq_len))
             for i, prompt in enumerate(sampling.prompts)])
+
+    def close(self) -> None:
+        """Free the model and optimizer, then end the process group. A DDP wrapper holds the
+        group: freed after ``destroy_process_group``, it would free the group itself, from
+        Python with the interpreter lock held, while the group's worker threads may need that
+        lock to finish (a rank was seen hanging there after its run had ended)."""
+        self.model = self.optimizer = None
+        gc.collect()  # the trainer's own reference cycles hold them too
+        self.strategy.close()
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, log: RunLog) -> Path | None:
