@@ -71,7 +71,7 @@ def one(run_dir: Path, steps: int, overrides: list[str]) -> None:
     if cuda:
         trainer = Trainer(cfg, run_dir)
         trainer.fit()
-        trainer.strategy.close()
+        trainer.close()
         return
     # The profile's running total of allocations, from before the model exists: the
     # allocator's peak over the whole run (evaluation is kept tiny so training decides it).
@@ -84,7 +84,7 @@ def one(run_dir: Path, steps: int, overrides: list[str]) -> None:
     peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
     trace.unlink()
     (run_dir / f"allocator_rank{rank}.json").write_text(json.dumps(peak))
-    trainer.strategy.close()
+    trainer.close()
 
 
 def main() -> None:
