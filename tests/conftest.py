@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     again, its latest record."""
     records = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
     return {record["step"]: record["loss"] for record in records}
+
+
+def interrupted_copy(full: Path, copy: Path, saved_at: int, last: int) -> Path:
+    """``full``'s run dir as a run killed after its checkpoint at ``saved_at`` would have left
+    it: the later checkpoint (``last``) gone, ``latest`` pointing back, no metrics yet."""
+    shutil.copytree(full, copy)
+    shutil.rmtree(copy / "checkpoints" / f"step_{last:06d}")
+    (copy / "checkpoints" / "latest").write_text(f"step_{saved_at:06d}\n")
+    (copy / "metrics.jsonl").unlink()
+    return copy
 
 
 def run_txtrain(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

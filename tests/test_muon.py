@@ -4,13 +4,12 @@ process, and the memory plan counts Muon's state."""
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import losses, make_config, run_ranks, run_txtrain
+from conftest import interrupted_copy, losses, make_config, run_ranks, run_txtrain
 from txtrain.config import ScheduleConfig
 from txtrain.optim import MuonAdamW, build_optimizer, lr_factor, orthogonalise, set_lr
 from txtrain.train import Trainer
@@ -88,11 +87,7 @@ def test_a_resumed_muon_run_equals_an_uninterrupted_one(tmp_path):
     common = ["train.steps=8", "train.save_every=4", "train.batch_size=8", "model.dropout=0.1"]
     full = tmp_path / "full"
     fit(full, *common)
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(full, interrupted)
-    shutil.rmtree(interrupted / "checkpoints" / "step_000008")
-    (interrupted / "checkpoints" / "latest").write_text("step_000004\n")
-    (interrupted / "metrics.jsonl").unlink()
+    interrupted = interrupted_copy(full, tmp_path / "interrupted", saved_at=4, last=8)
     trainer = fit(interrupted, *common)
     assert trainer.resumed_from.name == "step_000004"
     # Muon's momentum and AdamW's moments came back: the losses are the same, bit for bit

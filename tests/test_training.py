@@ -1,11 +1,10 @@
 """The trainer learns, repeats itself, resumes exactly, and accumulates gradients exactly."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import losses, make_config
+from conftest import interrupted_copy, losses, make_config
 from txtrain.generate import greedy_exact_match
 from txtrain.optim import lr_factor
 from txtrain.config import ScheduleConfig
@@ -75,11 +74,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     fit(full, *common)
 
     # The same run, interrupted after the checkpoint at step 6: only that checkpoint survives.
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(full, interrupted)
-    shutil.rmtree(interrupted / "checkpoints" / "step_000012")
-    (interrupted / "checkpoints" / "latest").write_text("step_000006\n")
-    (interrupted / "metrics.jsonl").unlink()
+    interrupted = interrupted_copy(full, tmp_path / "interrupted", saved_at=6, last=12)
 
     trainer, _ = fit(interrupted, *common)  # resume=auto finds step 6
     assert trainer.resumed_from.name == "step_000006"
