@@ -387,7 +387,9 @@ def versus(ours: list[dict], theirs: list[dict], name: str) -> dict:
 
 
 def run_txtrain(overrides: list[str], run_dir: Path, warmup: int) -> dict:
-    command = [sys.executable, "-m", "txtrain", *overrides, f"hydra.run.dir={run_dir}", "resume=never"]
+    # plot=false: the peak memory is the training's, not matplotlib's (nanoGPT draws nothing)
+    command = [sys.executable, "-m", "txtrain", "plot=false", *overrides, f"hydra.run.dir={run_dir}",
+               "resume=never"]
     max_rss = run(command, run_dir.with_suffix(".log"))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] > warmup]

@@ -117,7 +117,7 @@ def training_at_scale(args, work: Path) -> list[dict]:
         command = [sys.executable, "-m", "txtrain", "task=text", f"task.data.path={folder}",
                    f"task.tokenizer={args.tokenizer}", f"train.steps={args.steps}", "train.eval_every=0",
                    "train.save_every=0", "task.sample_tokens=0", "task.eval_tokens=2048", "progress=false",
-                   f"hydra.run.dir={run_dir}", *args.overrides]
+                   "plot=false", f"hydra.run.dir={run_dir}", *args.overrides]
         if args.tokenizer_file:
             command.append(f"task.tokenizer_file={args.tokenizer_file}")
         log = work / f"run-{n_tokens}.log"

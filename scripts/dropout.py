@@ -91,7 +91,7 @@ def main() -> None:
     for p in args.dropouts:
         cfg = compose_config(
             "experiment=dropout", f"task.data.path={data}", f"task.cache_dir={work / 'cache'}",
-            f"model.dropout={p}", "progress=false", *steps, *args.overrides)
+            f"model.dropout={p}", "progress=false", "plot=false", *steps, *args.overrides)
         started = time.perf_counter()
         trainer = Trainer(cfg, work / f"dropout-{p}")
         measure_train_loss_too(trainer)

@@ -136,7 +136,8 @@ class Context:
         return run.finished()
 
     def txtrain_command(self, run_dir: Path, overrides: list[str], nproc: int) -> list[str]:
-        overrides = merge([f"device={self.device}", "progress=false", "resume=never"], overrides,
+        # plot=false: no check looks at loss.png, and drawing it is a second of every run
+        overrides = merge([f"device={self.device}", "progress=false", "plot=false", "resume=never"], overrides,
                           [f"hydra.run.dir={run_dir}"])
         if nproc:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -63,7 +63,7 @@ def one(run_dir: Path, steps: int, overrides: list[str]) -> None:
     from txtrain.train import Trainer
 
     distributed.join_job()  # under torchrun: every rank joins the process group
-    cfg = compose_config("progress=false", f"train.steps={steps}", "train.log_every=1",
+    cfg = compose_config("progress=false", "plot=false", f"train.steps={steps}", "train.log_every=1",
                          "train.save_every=0", "train.eval_batch_size=8", "task.n_eval=8",
                          *overrides)
     rank = int(os.environ.get("RANK", 0))

@@ -45,7 +45,7 @@ def train(run_dir: Path, overrides: list[str], nproc: int) -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={nproc}", "-m", "txtrain"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    result = subprocess.run([*launcher, *overrides, f"hydra.run.dir={run_dir}"], env=env,
+    result = subprocess.run([*launcher, "plot=false", *overrides, f"hydra.run.dir={run_dir}"], env=env,
                             capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{' '.join(overrides)} failed:\n{result.stderr[-3000:]}")

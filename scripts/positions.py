@@ -67,7 +67,7 @@ def main() -> None:
             cfg = compose_config(
                 "experiment=positions", *ARCHS[arch], f"task.max_len={L}", f"task.eval_min_len={L + 1}",
                 f"task.eval_max_len={2 * L}", f"model.pos={pos}", f"train.steps={args.steps}",
-                "train.save_every=0", "train.log_every=100", "progress=false", *args.overrides)
+                "train.save_every=0", "train.log_every=100", "progress=false", "plot=false", *args.overrides)
             trainer = Trainer(cfg, work / f"{arch}-{pos}")
             summary = trainer.fit()
             by_length = exact_match_by_length(trainer, cfg.task, range(1, 2 * L + 1))

@@ -23,11 +23,20 @@ from txtrain.config import Config
 from txtrain.distributed import STARTED_VARIABLE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+# Settings of every test run, for the keys its own overrides leave alone: drawing loss.png
+# costs about half a second a run, and the tests that look at it say plot=true.
+QUIET = ("progress=false", "plot=false")
+
+
+def quiet(args) -> tuple[str, ...]:
+    """``args`` (a txtrain command line) and the QUIET settings it does not make itself."""
+    keys = {str(arg).split("=", 1)[0] for arg in args}
+    return (*args, *(setting for setting in QUIET if setting.split("=", 1)[0] not in keys))
 
 
 def make_config(*overrides: str) -> Config:
     """Compose the config exactly as the command line would, from overrides."""
-    return compose_config("progress=false", *overrides)
+    return compose_config(*quiet(overrides))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -50,7 +59,7 @@ def interrupted_copy(full: Path, copy: Path, saved_at: int, last: int) -> Path:
 def run_txtrain(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh process (forked with torch already imported: see
     forked.py)."""
-    return forked.run(args, cwd, dict(os.environ, PYTHONWARNINGS="ignore"), timeout)[0]
+    return forked.run(quiet(args), cwd, dict(os.environ, PYTHONWARNINGS="ignore"), timeout)[0]
 
 
 def run_ranks(*args: str, nproc: int = 2, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,7 +67,7 @@ def run_ranks(*args: str, nproc: int = 2, cwd: Path, timeout: float = 300) -> su
     imported (forked.py); one outcome: the first failed rank's status (else 0), rank 0's
     output, every rank's stderr. The launcher itself is tested under real torchrun."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    outcomes = forked.run(args, cwd, env, timeout, ranks=nproc)
+    outcomes = forked.run(quiet(args), cwd, env, timeout, ranks=nproc)
     status = next((o.returncode for o in outcomes if o.returncode != 0), 0)
     stderr = "".join(f"[rank {rank}] {o.stderr}" for rank, o in enumerate(outcomes))
     return subprocess.CompletedProcess(outcomes[0].args, status, outcomes[0].stdout, stderr)
@@ -90,7 +99,7 @@ def call_txtrain(*args: str) -> Outcome:
     # back what the tests had, or later messages would fail to open that file.
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    sys.argv = ["txtrain", *args, "progress=false"]
+    sys.argv = ["txtrain", *quiet(args)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main()

@@ -11,7 +11,7 @@ from conftest import run_txtrain
 from txtrain import plots, summary
 
 SWEEP = ["-m", "optim.lr=1e-3,3e-3", "model.n_layer=1,2", "train.steps=10", "train.eval_every=5",
-         "task.n_eval=50", "train.save_every=0"]
+         "task.n_eval=50", "train.save_every=0", "plot=true"]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ SAVED_AT = STEPS // 2  # a checkpoint that other layouts resume from
 RUN = [f"train.steps={STEPS}", "train.log_every=1", f"train.save_every={SAVED_AT}", "train.eval_every=8",
        "task.n_eval=100", "model.n_layer=4", "model.n_embd=64", "model.tie_embeddings=false",
        "model.vocab_multiple=5", "model.dropout=0", "precision=fp32", "progress=false",
-       "train.batch_size=32"]
+       "plot=false", "train.batch_size=32"]
 STRATEGIES = {  # name: (overrides, processes, relative tolerance)
     "ddp": (["parallel=ddp", "train.micro_batch_size=8"], 2, 1e-4),  # 2 micro-batches per rank
     "fsdp": (["parallel=fsdp", "train.micro_batch_size=8"], 2, 1e-4),

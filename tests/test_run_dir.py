@@ -18,7 +18,7 @@ from conftest import call_txtrain
 from txtrain.stopping import INTERRUPTED_STATUS
 
 TINY = ["train.steps=2", "train.batch_size=16", "train.eval_every=0", "task.n_eval=10",
-        "model.n_layer=1", "progress=false"]
+        "model.n_layer=1", "progress=false", "plot=false"]
 # Long enough to be caught in the middle; save_every so that a killed run has a checkpoint.
 LONGER = [*TINY, "train.steps=30", "train.log_every=1", "train.save_every=10"]
 SAME_SECOND = "2026-11-27T14:31:45"  # what every process of one launch agrees on (distributed.start_time)

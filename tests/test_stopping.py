@@ -20,7 +20,7 @@ from txtrain.stopping import INTERRUPTED_STATUS
 
 STEPS = 30
 RUN = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "train.save_every=5",
-       "task.n_eval=50", "model.n_layer=1", "progress=false"]
+       "task.n_eval=50", "model.n_layer=1", "progress=false", "plot=false"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             "-m", "txtrain", "parallel=ddp"]
 

@@ -376,6 +376,7 @@ class Config:
     resume: str = "auto"  # auto (latest in the run dir) | never | a checkpoint path
     overwrite: bool = False  # with resume=never: start over in a run dir that holds checkpoints
     progress: bool = True  # progress bar, shown only on a terminal
+    plot: bool = True  # loss.png in the run dir at the end (txtrain-plot draws it any time later)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each block (the first steps pay for compiling)
     keep_freed_memory: bool = True  # CPU: glibc reuses freed big blocks (faster steps, more resident memory)

@@ -43,7 +43,7 @@ RUNTIME_ONLY = {"dropout", "impl", "activation_checkpointing"}
 
 # Config keys (and whole subtrees) that may differ between a run and its continuation.
 MAY_CHANGE = (
-    "resume", "overwrite", "progress", "device", "compile", "logger", "launch", "plan", "parallel",
+    "resume", "overwrite", "progress", "plot", "device", "compile", "logger", "launch", "plan", "parallel",
     "objective",  # what a sweeper reads from the run, not what it learns
     "precision.tf32", "model.impl", "model.activation_checkpointing",
     "train.steps", "train.micro_batch_size", "train.log_every", "train.eval_every",

@@ -151,11 +151,11 @@ class Trainer:
         log.run_info(stopped_early=stopped_early, **self.early_stop.record())
 
     def finish(self, log: RunLog, summary: dict) -> None:
-        """The result into run.json, and the curves into loss.png."""
+        """The result into run.json, and the curves into loss.png (``plot``)."""
         log.run_info(result={k: finite_or_none(v) if isinstance(v, float) else v
                              for k, v in summary.items()})
         log.close()
-        if self.strategy.is_main:
+        if self.strategy.is_main and self.cfg.plot:
             try:
                 from txtrain.plots import plot_run
 
