@@ -302,8 +302,8 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None  # per rank and forward pass; None: no accumulation
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     label_smoothing: float = 0.0
-    # The head and the loss run over this many tokens at a time, their logits recomputed in
-    # backward: the whole (tokens x vocabulary) logits never exist (model/chunked_loss.py).
+    # The head and the loss run over this many tokens at a time, each chunk's gradients taken
+    # at once: the whole (tokens x vocabulary) logits never exist (model/chunked_loss.py).
     # 0: the plain path (whole logits, F.cross_entropy).
     loss_chunk_tokens: int = 512
     log_every: int = 10

@@ -35,7 +35,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     name = str(cfg.name)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # One kernel over every parameter, on a GPU and on a CPU (where it is several times faster
+    # than the per-op foreach path, and allocates no temporaries the size of the model).
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     if name == "adam":
         # Adam's weight decay is L2 added to the gradient, unlike AdamW's decoupled decay.
         return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)

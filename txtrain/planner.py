@@ -23,9 +23,9 @@ layer saves for backward (counted by hooking ``saved_tensors_hooks``, see the te
   worth while one is recomputed;
 - at the loss, computed chunk by chunk (``train.loss_chunk_tokens``, model/chunked_loss.py):
   one chunk's fp32 logits (turned into their gradient in place; under autocast also the
-  matmul's output and the gradient's cast), each token's logsumexp, and the head's gradient
-  summed in fp32. With ``train.loss_chunk_tokens=0``, the fp32 log-probabilities and their
-  gradient: about three (B, T, vocab) fp32 tensors at once.
+  matmul's output and the gradient's cast), and the hidden states' and the head's gradients,
+  summed in fp32 as the chunks go. With ``train.loss_chunk_tokens=0``, the fp32
+  log-probabilities and their gradient: about three (B, T, vocab) fp32 tensors at once.
 
 The peak is estimated as parameters + optimizer state + the larger of the forward/backward
 phase (activations, loss, gathered or cast weights, and the gradients when micro-batches
@@ -222,16 +222,16 @@ class Activations:
     def head(self, vocab_size: int, chunk_tokens: int = 0) -> int:
         """The final norm's input and output, then the loss. In chunks (``chunk_tokens``): a
         chunk's fp32 logits (under autocast also the matmul's output and the gradient's cast),
-        each token's logsumexp, and the head's gradient summed in fp32. Whole (0): at the
-        loss's backward, the fp32 log-probabilities, their gradient and the logits' gradient
-        exist at once."""
+        and the gradients of the hidden states and of the head, summed in fp32 in forward and
+        kept for backward. Whole (0): at the loss's backward, the fp32 log-probabilities, their
+        gradient and the logits' gradient exist at once."""
         d = self.model.n_embd
         norm = (FP32 + self.act_bytes) * d * self.tokens
         if chunk_tokens <= 0:
             return norm + 3 * FP32 * vocab_size * self.tokens
         rows = min(chunk_tokens, self.tokens)
         per_logit = FP32 + (2 * self.act_bytes if self.act_bytes != FP32 else 0)
-        return norm + FP32 * self.tokens + per_logit * vocab_size * rows + FP32 * vocab_size * d
+        return norm + FP32 * d * self.tokens + per_logit * vocab_size * rows + FP32 * vocab_size * d
 
 
 # --- buffers ------------------------------------------------------------------------------------

@@ -3,16 +3,17 @@
 A (tokens x vocabulary) logits matrix is the largest tensor of a small model's step: at 50k
 words and 2k tokens, 400 MB in fp32, and the plain loss keeps several of them (the logits,
 their fp32 copy, the log-probabilities, their gradient). ``ChunkedHeadLoss`` runs the head and
-the loss over ``chunk_tokens`` tokens at a time: forward keeps only each token's logsumexp;
-backward recomputes each chunk's logits, turns them into their gradient in place
-(softmax - target), and adds the chunk's share to the hidden states' and the weight's
-gradients. The price is one more head matmul in backward; what it saves is memory and the
-passes over the big matrices, which on a CPU cost more than the matmul.
+the loss over ``chunk_tokens`` tokens at a time, and computes the gradients while it has each
+chunk's logits: the logits become their own gradient in place (softmax - target), which adds
+the chunk's share to the hidden states' and the weight's gradients. Backward only scales those
+by the loss's incoming gradient. No (tokens x vocabulary) tensor outlives a chunk, and each
+chunk's logits are computed and passed over once: the plain path's three head matmuls, none
+recomputed.
 
 Numerics: the matmul runs in the compute dtype (autocast's, as ``nn.Linear`` would, else the
 weight's), the softmax and the loss in fp32, as the plain path (``logits.float()``) does. The
-gradient of the logits goes back to the compute dtype for the two backward matmuls, as
-autocast's linear does; the weight's gradient is summed over chunks in fp32.
+gradient of the logits goes back to the compute dtype for the two gradient matmuls, as
+autocast's linear does; both gradients are summed in fp32 and scaled in fp32.
 
 Label smoothing is torch's (``F.cross_entropy``): over the real vocabulary's classes, ignored
 targets excluded. The padded rows of the weight never enter the logits; their gradient is 0.
@@ -135,48 +136,50 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """sum over tokens of cross_entropy(hidden @ weight[:vocab_size].T, targets), chunk by chunk.
-    Saves the hidden states, the weight (both in the compute dtype) and each row's logsumexp:
-    no (tokens x vocabulary) tensor outlives a chunk."""
+    """sum over tokens of cross_entropy(hidden @ weight[:vocab_size].T, targets), chunk by chunk,
+    with its gradients: forward saves the gradients for a loss gradient of 1 (fp32), backward
+    scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size, dtype, ignore_index, smoothing, chunk):
+        n = hidden.shape[0]
+        valid = targets != ignore_index
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight[:vocab_size].to(dtype)
-            total, lse, _ = chunked_forward(h, w, targets, ignore_index, smoothing, chunk)
-        ctx.save_for_backward(h, w, targets, lse)
-        ctx.shape = (weight.shape, weight.dtype, hidden.dtype)
-        ctx.settings = (ignore_index, smoothing, chunk)
+            for start in range(0, n, chunk):
+                rows = slice(start, min(start + chunk, n))
+                z = (h[rows] @ w.T).float()
+                lse, loss = chunk_terms(z, targets[rows], valid[rows], ignore_index, smoothing)
+                total += loss.sum()
+                # z becomes d(loss)/d(z): softmax - (1 - smoothing) * one-hot - smoothing / V,
+                # 0 on ignored rows
+                z.sub_(lse[:, None]).exp_()
+                t = targets[rows].masked_fill(~valid[rows], 0)
+                z.scatter_add_(1, t[:, None], torch.full((len(t), 1), smoothing - 1.0, device=z.device))
+                if smoothing > 0:
+                    z.sub_(smoothing / vocab_size)
+                z.mul_(valid[rows, None])
+                g = z.to(dtype)
+                if want_h:
+                    grad_h[rows] = g @ w
+                if want_w:
+                    if g.dtype == torch.float32:
+                        grad_w[:vocab_size].addmm_(g.T, h[rows])
+                    else:
+                        grad_w[:vocab_size] += (g.T @ h[rows]).float()
+                del z, g
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        h, w, targets, lse = ctx.saved_tensors
-        (weight_shape, weight_dtype, hidden_dtype), (ignore_index, smoothing, chunk) = ctx.shape, ctx.settings
-        n, vocab = h.shape[0], w.shape[0]
-        valid = targets != ignore_index
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = (torch.zeros(weight_shape, dtype=torch.float32, device=h.device)
-                  if ctx.needs_input_grad[1] else None)
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, n, chunk):
-                rows = slice(start, min(start + chunk, n))
-                # softmax - (1 - smoothing) * one-hot - smoothing / V, on kept rows, * grad
-                g = (h[rows] @ w.T).float()
-                g.sub_(lse[rows, None]).exp_()
-                t = targets[rows].masked_fill(~valid[rows], 0)
-                g.scatter_add_(1, t[:, None], torch.full((len(t), 1), smoothing - 1.0, device=g.device))
-                if smoothing > 0:
-                    g.sub_(smoothing / vocab)
-                g.mul_((valid[rows].float() * grad_total)[:, None])
-                g = g.to(h.dtype)
-                if grad_h is not None:
-                    torch.mm(g, w, out=grad_h[rows])
-                if grad_w is not None:
-                    if g.dtype == torch.float32:
-                        grad_w[:vocab].addmm_(g.T, h[rows])
-                    else:
-                        grad_w[:vocab] += (g.T @ h[rows]).float()
-                del g
-        return (None if grad_h is None else grad_h.to(hidden_dtype),
-                None if grad_w is None else grad_w.to(weight_dtype), None, None, None, None, None, None)
+        grad_h, grad_w = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (None if grad_h is None else (grad_h * grad_total).to(hidden_dtype),
+                None if grad_w is None else (grad_w * grad_total).to(weight_dtype),
+                None, None, None, None, None, None)
