@@ -23,8 +23,8 @@ def fit(run_dir: Path, *overrides: str) -> tuple[Trainer, dict]:
 def trained_reverse(tmp_path_factory):
     """A short real run on reverse, shared by the tests that need a trained model."""
     run_dir = tmp_path_factory.mktemp("reverse")
-    return fit(run_dir, "task=reverse", "task.max_len=6", "train.steps=300", "optim.lr=3e-3",
-               "schedule.warmup_steps=30", "train.eval_every=0", "train.save_every=0")
+    return fit(run_dir, "task=reverse", "task.max_len=6", "train.steps=200", "optim.lr=3e-3",
+               "schedule.warmup_steps=20", "train.eval_every=0", "train.save_every=0")
 
 
 @pytest.mark.slow
@@ -98,9 +98,9 @@ def test_gradient_accumulation_gives_the_same_losses(tmp_path):
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
 def test_each_positional_scheme_trains(tmp_path, pos):
     _, summary = fit(tmp_path, *SMALL, f"model.pos={pos}", "task=copy", "model.n_embd=64",
-                     "train.steps=300", "optim.lr=3e-3", "schedule.warmup_steps=10")
+                     "train.steps=200", "optim.lr=3e-3", "schedule.warmup_steps=10")
     first = losses(tmp_path)[1]
-    assert summary["loss"] < 0.5 * first
+    assert summary["loss"] < 0.5 * first  # at step 200: 0.07, 0.38 and 0.29 of the first
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
