@@ -6,6 +6,7 @@ that do not divide the tokens; and through the models' forward and a training st
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from txtrain.config import ModelConfig
 from txtrain.model import build_model
@@ -59,6 +60,29 @@ def test_fp32_against_torchs_fp32(smoothing):
     theirs = grads(lambda h, w, t: plain(h, w, t, 53, smoothing) / 40, hidden, weight, targets)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class MatmulCount(TorchDispatchMode):
+    """How many matrix products run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_head_costs_three_matmuls_a_chunk_and_backward_recomputes_none():
+    hidden, weight, targets = case(n=40, dtype=torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    loss_fn = TokenLoss(chunk_tokens=16, skip_ignored=False)  # 3 chunks: 16 + 16 + 8 tokens
+    with MatmulCount() as forward:
+        loss = loss_fn(hidden, weight, targets, 53)
+    with MatmulCount() as backward:
+        loss.backward()
+    assert (forward.count, backward.count) == (3 * 3, 0)  # logits, and both gradients, per chunk
 
 
 def test_every_target_ignored_gives_zero():

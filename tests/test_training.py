@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import interrupted_copy, losses, make_config
 from txtrain.generate import greedy_exact_match
-from txtrain.optim import lr_factor
+from txtrain.optim import build_optimizer, lr_factor
 from txtrain.config import ScheduleConfig
 from txtrain.train import Trainer
 
@@ -109,6 +110,13 @@ def test_each_optimizer_reduces_the_loss(tmp_path, optimizer):
     _, summary = fit(tmp_path, *SMALL, f"optim={optimizer}", f"optim.lr={lr}", "train.steps=40",
                      "debug.overfit_batch=true", "train.batch_size=8", "schedule=constant")
     assert summary["loss"] < 0.6 * losses(tmp_path)[1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_adam_runs_fused_on_a_cpu(optimizer):
+    model = torch.nn.Linear(4, 4)
+    built = build_optimizer(model, make_config(f"optim={optimizer}").optim, torch.device("cpu"))
+    assert [group["fused"] for group in built.param_groups] == [True, True]  # one kernel a step
 
 
 def test_schedules():
