@@ -11,6 +11,7 @@ eval.jsonl and samples.txt against its checkpoint evaluated in this process.
 """
 
 import copy
+import gc
 import json
 import os
 import sys
@@ -122,6 +123,7 @@ def worker(out: Path) -> None:
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results))
     dist.barrier()
+    gc.collect()  # the checks' wrappers hold the group: freed before it ends (see Trainer.close)
     dist.destroy_process_group()
 
 

@@ -22,6 +22,7 @@ targets excluded. The padded rows of the weight never enter the logits; their gr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class TokenLoss:
         if self.hits or not torch.is_grad_enabled():
             loss, hits = chunked_forward(hidden.to(dtype), weight[:vocab_size].to(dtype), targets,
                                          self.ignore_index, self.label_smoothing,
-                                         self.chunk_tokens, want_hits=self.hits)[::2]
+                                         self.chunk_tokens, want_hits=self.hits)
         else:
             loss, hits = ChunkedHeadLoss.apply(hidden, weight, targets, vocab_size, dtype,
                                                self.ignore_index, self.label_smoothing,
@@ -116,23 +117,27 @@ def chunk_terms(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
 
 
 def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    ignore_index: int, smoothing: float, chunk: int, want_hits: bool = False):
-    """The loss sum, each row's logsumexp and (``want_hits``) each row's argmax == target.
-    ``hidden`` (N, C) and ``weight`` (V, C), the real rows only, in the compute dtype."""
+                    ignore_index: int, smoothing: float, chunk: int, want_hits: bool = False,
+                    then: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None):
+    """The loss sum and (``want_hits``) each row's argmax == target. ``hidden`` (N, C) and
+    ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, z, lse)``, if
+    given, gets each chunk's fp32 logits and logsumexp once its loss is taken, and may
+    overwrite the logits."""
     n = hidden.shape[0]
     valid = targets != ignore_index
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     hits = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_hits else None
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         z = (hidden[rows] @ weight.T).float()
-        lse[rows], loss = chunk_terms(z, targets[rows], valid[rows], ignore_index, smoothing)
+        lse, loss = chunk_terms(z, targets[rows], valid[rows], ignore_index, smoothing)
         total += loss.sum()
         if want_hits:
             hits[rows] = z.argmax(-1) == targets[rows]
+        if then is not None:
+            then(rows, z, lse)
         del z
-    return total, lse, hits
+    return total, hits
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -142,21 +147,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size, dtype, ignore_index, smoothing, chunk):
-        n = hidden.shape[0]
         valid = targets != ignore_index
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight[:vocab_size].to(dtype)
-            for start in range(0, n, chunk):
-                rows = slice(start, min(start + chunk, n))
-                z = (h[rows] @ w.T).float()
-                lse, loss = chunk_terms(z, targets[rows], valid[rows], ignore_index, smoothing)
-                total += loss.sum()
+
+            def into_gradients(rows: slice, z: torch.Tensor, lse: torch.Tensor) -> None:
                 # z becomes d(loss)/d(z): softmax - (1 - smoothing) * one-hot - smoothing / V,
-                # 0 on ignored rows
+                # 0 on ignored rows; then the chunk's share of both gradients
                 z.sub_(lse[:, None]).exp_()
                 t = targets[rows].masked_fill(~valid[rows], 0)
                 z.scatter_add_(1, t[:, None], torch.full((len(t), 1), smoothing - 1.0, device=z.device))
@@ -171,7 +171,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
                         grad_w[:vocab_size].addmm_(g.T, h[rows])
                     else:
                         grad_w[:vocab_size] += (g.T @ h[rows]).float()
-                del z, g
+
+            total, _ = chunked_forward(h, w, targets, ignore_index, smoothing, chunk, then=into_gradients)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
