@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import forked
 from conftest import make_config
+from txtrain.model.chunked_loss import DEFAULT_CHUNK_TOKENS
 from test_parallel import evaluations, ranks
 
 # Evaluation runs forwards alone, in the same order for gpipe and 1f1b (the command-line run
@@ -59,6 +62,15 @@ def test_pipeline_task_evaluation_matches_one_process_with_ragged_batches(worker
     got, expected = worker_results["pipeline"][schedule]["task"]
     assert got["exact_match"] == expected["exact_match"]
     assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("schedule", list(PIPELINE_SCHEDULES))
+def test_pipeline_evaluation_loss_never_holds_a_batch_of_logits(worker_results, schedule):
+    """The last stage takes evaluation's loss through the model's chunked head, as training
+    does: no tensor as wide as the vocabulary has more rows than one chunk (the whole model's
+    evaluation, in the same processes, counts too)."""
+    # a batch is 70 rows of up to 33 positions: its logits would have 2310 rows
+    assert worker_results["pipeline"][schedule]["largest_logits_rows"] <= DEFAULT_CHUNK_TOKENS
 
 
 @pytest.mark.parametrize("schedule", list(PIPELINE_SCHEDULES))
@@ -113,6 +125,28 @@ def test_pipeline_run_evaluates_and_samples_like_its_checkpoint_in_one_process(t
 
 
 # --- the worker: run by torchrun on every rank --------------------------------------------------
+class LargestLogits(TorchDispatchMode):
+    """The most rows of any tensor made whose last dimension is ``width``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width, self.rows = width, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2 and tensor.shape[-1] == self.width:
+                self.rows = max(self.rows, tensor.numel() // tensor.shape[-1])
+        return out
+
+    def largest_on_any_rank(self) -> int:
+        import torch.distributed as dist
+
+        rows = torch.tensor(self.rows)
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX)
+        return int(rows)
+
+
 def worker(out: Path) -> None:
     import torch.distributed as dist
 
@@ -188,8 +222,11 @@ def check_pipeline(schedule: str) -> dict:
                                         for shape in EVAL_SHAPES]}
     with torch.autocast("cpu", dtype=torch.bfloat16):  # shapes already seen, now under autocast
         results["bf16_max_logit_difference"] = logit_difference(random_batch(2, 17))
-    results["task"] = (strategy.evaluate(staged, lambda forward: task.evaluate(forward, 70)),
-                       task.evaluate(whole, 70))
+    widest = LargestLogits(task.vocab_size)  # 13 (padded to 64, which the kv projection also is)
+    with widest:
+        results["task"] = (strategy.evaluate(staged, lambda forward: task.evaluate(forward, 70)),
+                           task.evaluate(whole, 70))
+    results["largest_logits_rows"] = widest.largest_on_any_rank()
 
     def draw_all(next_logits):
         return [draw_tokens(next_logits, random_batch(1, length)[0].tolist(), 5, temperature=1.0,

@@ -82,7 +82,9 @@ class Pipeline(Strategy):
                           first=self.is_first, last=self.is_last).to(self.device)
         self.vocab_size = mine.vocab_size
         self.share_tied_weights(model, mine)
-        self.chunks = chunks  # one per stage of this rank: evaluation builds stages of them later
+        # One per stage of this rank, giving logits or (for a loss) hidden states: evaluation
+        # builds stages of them later.
+        self.chunks = {False: chunks, True: train_chunks}
         # Losses are already divided by the step's global target count: no further scaling.
         self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(train_chunks),
                                             self.cfg.n_microbatches, loss_fn=self.stage_loss,
@@ -106,10 +108,10 @@ class Pipeline(Strategy):
                         if names[id(p)] != name}
         self.mirrors = {id(p) for name, p in mine.named_parameters() if name in self.renamed}
 
-    def new_stages(self, chunks: list[ModelSlice] | None = None) -> list[PipelineStage]:
+    def new_stages(self, chunks: list[ModelSlice]) -> list[PipelineStage]:
         """Fresh stages of this rank's chunks (they share the chunks' parameters)."""
         return [PipelineStage(chunk, s, self.n_stages, self.device)
-                for chunk, s in zip(chunks or self.chunks, self.my_stages)]
+                for chunk, s in zip(chunks, self.my_stages)]
 
     def schedule(self, schedule_class, stages: list[PipelineStage], n_microbatches: int, **options):
         stage_arg = stages if self.cfg.stages_per_rank > 1 else stages[0]
@@ -185,17 +187,18 @@ class Pipeline(Strategy):
         """Every rank runs the whole evaluation in step (one pipeline: no data-parallel ranks to
         split it over); ``run(forward)``: a task's ``Evaluation``, or any function of a forward.
         Only the last stage has logits, so the others see a stand-in, and the last stage's
-        results are shared with all."""
+        results are shared with all. A loss is the model's own (``head_loss``) on the last
+        stage's hidden states: as in training, the whole logits never exist."""
         def forward(inputs: torch.Tensor, targets: torch.Tensor | None = None,
                     loss: TokenLoss | None = None):
-            logits = self.forward_only(inputs)
-            if logits is None:
-                stand_in = torch.zeros(1, 1, 1, device=self.device)
-                logits = stand_in.expand(*inputs.shape, self.vocab_size)
-            if targets is None:
-                return logits
-            # The eval stages hand over logits (of one evaluation batch, which the task sizes).
-            return (loss or TokenLoss()).from_logits(logits, targets.to(logits.device))
+            out = self.forward_only(inputs, hidden=targets is not None)
+            if targets is not None:
+                if out is None:  # a stand-in the size of a loss (and hits); the last rank's counts
+                    return self.stand_in_loss(inputs, loss or TokenLoss())
+                return self.loss_head.head_loss(out, targets.to(out.device), loss)
+            if out is None:
+                return torch.zeros(1, 1, 1, device=self.device).expand(*inputs.shape, self.vocab_size)
+            return out
 
         forward.takes_targets = True
         results = [run(forward)]
@@ -216,9 +219,15 @@ class Pipeline(Strategy):
 
         return run(next_logits)
 
-    def forward_only(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """The logits of a (rows, length) batch of any shape on the last stage, None elsewhere.
-        Every rank must call it with the same shape (they build the same schedules)."""
+    def stand_in_loss(self, inputs: torch.Tensor, loss: TokenLoss):
+        zero = torch.zeros((), device=self.device)
+        return (zero, torch.zeros(inputs.shape, dtype=torch.bool, device=self.device).flatten()) \
+            if loss.hits else zero
+
+    def forward_only(self, inputs: torch.Tensor, hidden: bool = False) -> torch.Tensor | None:
+        """The logits (``hidden``: the final hidden states, before the final norm) of a
+        (rows, length) batch of any shape on the last stage, None elsewhere. Every rank must
+        call it with the same shape (they build the same schedules)."""
         rows, length = inputs.shape
         if length > self.seq_len:
             raise ValueError(f"a batch of length {length} exceeds {self.seq_len}")
@@ -226,22 +235,22 @@ class Pipeline(Strategy):
         n_microbatches = min(self.cfg.n_microbatches, rows)
         padded = nn.functional.pad(inputs, (0, self.seq_len - length, 0, -rows % n_microbatches),
                                    value=PAD).to(self.device)
-        stages, schedule = self.eval_schedule(padded, n_microbatches)
-        logits = schedule.step(*((padded,) if self.is_first else ()))
+        stages, schedule = self.eval_schedule(padded, n_microbatches, hidden)
+        out = schedule.step(*((padded,) if self.is_first else ()))
         for stage in stages:
-            stage.clear_runtime_states()  # else the kept stages hold on to the logits
-        return logits[:rows, :length] if self.is_last else None
+            stage.clear_runtime_states()  # else the kept stages hold on to their outputs
+        return out[:rows, :length] if self.is_last else None
 
-    def eval_schedule(self, padded: torch.Tensor, n_microbatches: int):
+    def eval_schedule(self, padded: torch.Tensor, n_microbatches: int, hidden: bool):
         """Stages and a forward-only schedule for this input shape (and autocast), built on
         first use. Forwards alone run in GPipe's order whatever the training schedule (1F1B
         would also want at least as many micro-batches as stages)."""
         device_type = self.device.type
-        key = (tuple(padded.shape), n_microbatches, torch.is_autocast_enabled(device_type),
+        key = (tuple(padded.shape), n_microbatches, hidden, torch.is_autocast_enabled(device_type),
                torch.get_autocast_dtype(device_type))
         if key not in self.eval_schedules:
             schedule_class = ScheduleLoopedBFS if self.cfg.stages_per_rank > 1 else ScheduleGPipe
-            stages = self.new_stages()
+            stages = self.new_stages(self.chunks[hidden])
             self.eval_schedules[key] = stages, self.schedule(schedule_class, stages, n_microbatches)
         return self.eval_schedules[key]
 
