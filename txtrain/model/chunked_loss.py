@@ -105,24 +105,32 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def chunk_terms(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                ignore_index: int, smoothing: float):
-    """For fp32 logits ``z`` (n, V): each row's logsumexp and loss (0 where ignored)."""
-    lse = torch.logsumexp(z, dim=-1)
+def chunk_losses(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smoothing: float,
+                 into_softmax: bool = False) -> torch.Tensor:
+    """For fp32 logits ``z`` (n, V): each row's loss (0 where ignored). ``into_softmax``: z
+    becomes softmax(z) in place on the way, which the logsumexp needs anyway: no temporary
+    and no second exp pass for the gradient."""
     picked = z.gather(1, targets.masked_fill(~valid, 0)[:, None]).squeeze(1)
-    loss = lse - (1.0 - smoothing) * picked
+    loss = -(1.0 - smoothing) * picked
     if smoothing > 0:
         loss = loss - (smoothing / z.shape[-1]) * z.sum(-1)
-    return lse, loss.masked_fill(~valid, 0.0)
+    if into_softmax:
+        top = z.amax(-1, keepdim=True)
+        sums = z.sub_(top).exp_().sum(-1, keepdim=True)
+        z.div_(sums)
+        lse = (top + sums.log()).squeeze(1)
+    else:
+        lse = torch.logsumexp(z, dim=-1)
+    return (loss + lse).masked_fill(~valid, 0.0)
 
 
 def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ignore_index: int, smoothing: float, chunk: int, want_hits: bool = False,
-                    then: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None):
+                    then: Callable[[slice, torch.Tensor], None] | None = None):
     """The loss sum and (``want_hits``) each row's argmax == target. ``hidden`` (N, C) and
-    ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, z, lse)``, if
-    given, gets each chunk's fp32 logits and logsumexp once its loss is taken, and may
-    overwrite the logits."""
+    ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, p)``, if given,
+    gets each chunk's softmax (fp32, made in place of the logits) once its loss is taken, and
+    may overwrite it."""
     n = hidden.shape[0]
     valid = targets != ignore_index
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -130,12 +138,11 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         z = (hidden[rows] @ weight.T).float()
-        lse, loss = chunk_terms(z, targets[rows], valid[rows], ignore_index, smoothing)
-        total += loss.sum()
         if want_hits:
             hits[rows] = z.argmax(-1) == targets[rows]
+        total += chunk_losses(z, targets[rows], valid[rows], smoothing, into_softmax=then is not None).sum()
         if then is not None:
-            then(rows, z, lse)
+            then(rows, z)
         del z
     return total, hits
 
@@ -154,10 +161,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight[:vocab_size].to(dtype)
 
-            def into_gradients(rows: slice, z: torch.Tensor, lse: torch.Tensor) -> None:
-                # z becomes d(loss)/d(z): softmax - (1 - smoothing) * one-hot - smoothing / V,
-                # 0 on ignored rows; then the chunk's share of both gradients
-                z.sub_(lse[:, None]).exp_()
+            def into_gradients(rows: slice, z: torch.Tensor) -> None:
+                # z, the softmax, becomes d(loss)/d(logits): softmax - (1 - smoothing) * one-hot
+                # - smoothing / V, 0 on ignored rows; then the chunk's share of both gradients
                 t = targets[rows].masked_fill(~valid[rows], 0)
                 z.scatter_add_(1, t[:, None], torch.full((len(t), 1), smoothing - 1.0, device=z.device))
                 if smoothing > 0:
