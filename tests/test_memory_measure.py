@@ -39,7 +39,7 @@ def test_the_reported_cpu_peak_is_the_os_max_resident_size(tmp_path):
                "task.sample_tokens=0", "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=8",
                "model.max_seq_len=512", "model.impl=manual", "model.dropout=0", "train.batch_size=16",
                "train.eval_batch_size=1", "train.steps=2", "train.save_every=0", "device=cpu", "keep_freed_memory=false",
-               "progress=false", f"hydra.run.dir={run_dir}"]
+               "progress=false", "plot=false", f"hydra.run.dir={run_dir}"]
     result = subprocess.run([sys.executable, "-c", GO_BETWEEN, *command], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
