@@ -193,7 +193,7 @@ class Pipeline(Strategy):
                     loss: TokenLoss | None = None):
             out = self.forward_only(inputs, hidden=targets is not None)
             if targets is not None:
-                if out is None:  # a stand-in the size of a loss (and hits); the last rank's counts
+                if out is None:
                     return self.stand_in_loss(inputs, loss or TokenLoss())
                 return self.loss_head.head_loss(out, targets.to(out.device), loss)
             if out is None:
@@ -220,9 +220,12 @@ class Pipeline(Strategy):
         return run(next_logits)
 
     def stand_in_loss(self, inputs: torch.Tensor, loss: TokenLoss):
+        """What ``loss`` returns, shaped for ``inputs``, on a rank without the head: a zero loss
+        (and no hits). Only the last stage's results count (``evaluate`` shares them)."""
         zero = torch.zeros((), device=self.device)
-        return (zero, torch.zeros(inputs.shape, dtype=torch.bool, device=self.device).flatten()) \
-            if loss.hits else zero
+        if not loss.hits:
+            return zero
+        return zero, torch.zeros(inputs.numel(), dtype=torch.bool, device=self.device)
 
     def forward_only(self, inputs: torch.Tensor, hidden: bool = False) -> torch.Tensor | None:
         """The logits (``hidden``: the final hidden states, before the final norm) of a
