@@ -398,13 +398,15 @@ class Config:
 
 
 def register_configs() -> None:
+    """The typed schemas the config files build on. They are stored as configs of their own,
+    not as a group, so that ``--help`` lists only the groups a user picks from."""
     store = ConfigStore.instance()
     store.store(name="txtrain_schema", node=Config)
-    store.store(group="schema/task", name="synthetic", node=SyntheticTaskConfig)
-    store.store(group="schema/task", name="text", node=TextTaskConfig)
+    store.store(name="task_schema_synthetic", node=SyntheticTaskConfig)
+    store.store(name="task_schema_text", node=TextTaskConfig)
     # Each strategy's schema, under its own name, with that name set; imported here because
     # the strategies' settings check themselves with require() from this module.
     from txtrain.parallel.specs import STRATEGIES
 
     for name, spec in STRATEGIES.items():
-        store.store(group="schema/parallel", name=name, node=spec.settings(name=name))
+        store.store(name=f"parallel_schema_{name}", node=spec.settings(name=name))
