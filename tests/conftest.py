@@ -7,6 +7,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -39,13 +40,12 @@ def make_config(*overrides: str) -> Config:
     """Compose the config exactly as the command line would, from overrides. Composing takes
     Hydra about a fifth of a second, more than a small test run's steps: each distinct command
     line is composed once per test process, and every call gets a copy of its own."""
-    overrides = quiet(overrides)
-    if overrides not in _composed:
-        _composed[overrides] = compose_config(*overrides)
-    return copy.deepcopy(_composed[overrides])
+    return copy.deepcopy(composed(quiet(overrides)))
 
 
-_composed: dict[tuple[str, ...], Config] = {}
+@functools.cache
+def composed(overrides: tuple[str, ...]) -> Config:
+    return compose_config(*overrides)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -107,10 +107,11 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def chunk_losses(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smoothing: float,
                  into_softmax: bool = False) -> torch.Tensor:
-    """For fp32 logits ``z`` (n, V): each row's loss (0 where ignored). ``into_softmax``: z
-    becomes softmax(z) in place on the way, which the logsumexp needs anyway: no temporary
-    and no second exp pass for the gradient."""
-    picked = z.gather(1, targets.masked_fill(~valid, 0)[:, None]).squeeze(1)
+    """For fp32 logits ``z`` (n, V) and ``targets`` (n,), a class on every row (any on an
+    ignored one): each row's loss, 0 where not ``valid``. ``into_softmax``: z becomes
+    softmax(z) in place on the way, which the logsumexp needs anyway: no temporary and no
+    second exp pass for the gradient."""
+    picked = z.gather(1, targets[:, None]).squeeze(1)
     loss = -(1.0 - smoothing) * picked
     if smoothing > 0:
         loss = loss - (smoothing / z.shape[-1]) * z.sum(-1)
@@ -126,13 +127,15 @@ def chunk_losses(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, sm
 
 def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ignore_index: int, smoothing: float, chunk: int, want_hits: bool = False,
-                    then: Callable[[slice, torch.Tensor], None] | None = None):
+                    then: Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None):
     """The loss sum and (``want_hits``) each row's argmax == target. ``hidden`` (N, C) and
-    ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, p)``, if given,
-    gets each chunk's softmax (fp32, made in place of the logits) once its loss is taken, and
-    may overwrite it."""
+    ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, p, classes,
+    valid)``, if given, gets each chunk's softmax (fp32, made in place of the logits) once its
+    loss is taken, and may overwrite it, with the chunk's target classes (0 on ignored rows)
+    and which rows count."""
     n = hidden.shape[0]
     valid = targets != ignore_index
+    classes = targets.masked_fill(~valid, 0)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     hits = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_hits else None
     for start in range(0, n, chunk):
@@ -140,9 +143,9 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         z = (hidden[rows] @ weight.T).float()
         if want_hits:
             hits[rows] = z.argmax(-1) == targets[rows]
-        total += chunk_losses(z, targets[rows], valid[rows], smoothing, into_softmax=then is not None).sum()
+        total += chunk_losses(z, classes[rows], valid[rows], smoothing, into_softmax=then is not None).sum()
         if then is not None:
-            then(rows, z)
+            then(rows, z, classes[rows], valid[rows])
         del z
     return total, hits
 
@@ -154,29 +157,31 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_size, dtype, ignore_index, smoothing, chunk):
-        valid = targets != ignore_index
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight[:vocab_size].to(dtype)
 
-            def into_gradients(rows: slice, z: torch.Tensor) -> None:
+            def into_gradients(rows: slice, z: torch.Tensor, classes: torch.Tensor,
+                               valid: torch.Tensor) -> None:
                 # z, the softmax, becomes d(loss)/d(logits): softmax - (1 - smoothing) * one-hot
-                # - smoothing / V, 0 on ignored rows; then the chunk's share of both gradients
-                t = targets[rows].masked_fill(~valid[rows], 0)
-                z.scatter_add_(1, t[:, None], torch.full((len(t), 1), smoothing - 1.0, device=z.device))
+                # - smoothing / V; then the chunk's share of both gradients. Ignored rows add
+                # nothing: they are zeroed on the (rows x width) side, not the (rows x V) one,
+                # which would be one more pass over the chunk (and in training every row counts).
+                z.scatter_add_(1, classes[:, None], torch.full((len(classes), 1), smoothing - 1.0,
+                                                               device=z.device))
                 if smoothing > 0:
                     z.sub_(smoothing / vocab_size)
-                z.mul_(valid[rows, None])
-                g = z.to(dtype)
+                g, keep = z.to(dtype), valid[:, None].to(dtype)
                 if want_h:
-                    grad_h[rows] = g @ w
+                    grad_h[rows] = (g @ w) * keep
                 if want_w:
+                    kept = h[rows] * keep
                     if g.dtype == torch.float32:
-                        grad_w[:vocab_size].addmm_(g.T, h[rows])
+                        grad_w[:vocab_size].addmm_(g.T, kept)
                     else:
-                        grad_w[:vocab_size] += (g.T @ h[rows]).float()
+                        grad_w[:vocab_size] += (g.T @ kept).float()
 
             total, _ = chunked_forward(h, w, targets, ignore_index, smoothing, chunk, then=into_gradients)
         ctx.save_for_backward(grad_h, grad_w)

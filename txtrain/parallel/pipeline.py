@@ -72,21 +72,18 @@ class Pipeline(Strategy):
     def prepare(self, model: nn.Module) -> nn.Module:
         self.placement.check_blocks(model.cfg.n_layer)
         stage_blocks = self.placement.stage_blocks(list(model.blocks))
+        # The last stage gives hidden states: its loss (stage_loss, evaluation's) runs the head
+        # chunk by chunk, and logits are made from them only where asked for.
         chunks = [ModelSlice(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1)
                   for s in self.my_stages]
-        # Training's last stage gives hidden states, and its loss runs the head (stage_loss).
-        train_chunks = [ModelSlice(model, stage_blocks[s], first=s == 0, last=s == self.n_stages - 1,
-                                   hidden_out=True) for s in self.my_stages]
-        self.loss_head = train_chunks[-1]
+        self.loss_head = chunks[-1]
         mine = ModelSlice(model, self.placement.blocks(self.rank, list(model.blocks)),
                           first=self.is_first, last=self.is_last).to(self.device)
         self.vocab_size = mine.vocab_size
         self.share_tied_weights(model, mine)
-        # One per stage of this rank, giving logits or (for a loss) hidden states: evaluation
-        # builds stages of them later.
-        self.chunks = {False: chunks, True: train_chunks}
+        self.chunks = chunks  # one per stage of this rank: evaluation builds stages of them later
         # Losses are already divided by the step's global target count: no further scaling.
-        self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(train_chunks),
+        self.train_schedule = self.schedule(SCHEDULES[self.cfg.schedule], self.new_stages(),
                                             self.cfg.n_microbatches, loss_fn=self.stage_loss,
                                             scale_grads=False)
         # (stages, schedule) by input shape, micro-batches and autocast; see forward_only
@@ -108,10 +105,10 @@ class Pipeline(Strategy):
                         if names[id(p)] != name}
         self.mirrors = {id(p) for name, p in mine.named_parameters() if name in self.renamed}
 
-    def new_stages(self, chunks: list[ModelSlice]) -> list[PipelineStage]:
+    def new_stages(self) -> list[PipelineStage]:
         """Fresh stages of this rank's chunks (they share the chunks' parameters)."""
         return [PipelineStage(chunk, s, self.n_stages, self.device)
-                for chunk, s in zip(chunks, self.my_stages)]
+                for chunk, s in zip(self.chunks, self.my_stages)]
 
     def schedule(self, schedule_class, stages: list[PipelineStage], n_microbatches: int, **options):
         stage_arg = stages if self.cfg.stages_per_rank > 1 else stages[0]
@@ -191,14 +188,14 @@ class Pipeline(Strategy):
         stage's hidden states: as in training, the whole logits never exist."""
         def forward(inputs: torch.Tensor, targets: torch.Tensor | None = None,
                     loss: TokenLoss | None = None):
-            out = self.forward_only(inputs, hidden=targets is not None)
+            hidden = self.forward_only(inputs)
             if targets is not None:
-                if out is None:
+                if hidden is None:
                     return self.stand_in_loss(inputs, loss or TokenLoss())
-                return self.loss_head.head_loss(out, targets.to(out.device), loss)
-            if out is None:
+                return self.loss_head.head_loss(hidden, targets.to(hidden.device), loss)
+            if hidden is None:
                 return torch.zeros(1, 1, 1, device=self.device).expand(*inputs.shape, self.vocab_size)
-            return out
+            return self.loss_head.logits(hidden)
 
         forward.takes_targets = True
         results = [run(forward)]
@@ -209,11 +206,11 @@ class Pipeline(Strategy):
         """The last stage's next-token logits go to every rank, so that all draw the same
         token and the first stage feeds the right one back in."""
         def next_logits(inputs: torch.Tensor) -> torch.Tensor:
-            logits = self.forward_only(inputs)
-            if logits is None:
+            hidden = self.forward_only(inputs)
+            if hidden is None:
                 last = torch.empty(len(inputs), self.vocab_size, device=self.device)
-            else:
-                last = logits[:, -1].float().contiguous()
+            else:  # the head on the last position only, as the whole model's last_only
+                last = self.loss_head.logits(hidden[:, -1]).float().contiguous()
             dist.broadcast(last, src=self.last_rank)
             return last
 
@@ -227,10 +224,10 @@ class Pipeline(Strategy):
             return zero
         return zero, torch.zeros(inputs.numel(), dtype=torch.bool, device=self.device)
 
-    def forward_only(self, inputs: torch.Tensor, hidden: bool = False) -> torch.Tensor | None:
-        """The logits (``hidden``: the final hidden states, before the final norm) of a
-        (rows, length) batch of any shape on the last stage, None elsewhere. Every rank must
-        call it with the same shape (they build the same schedules)."""
+    def forward_only(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The last hidden states (before the final norm) of a (rows, length) batch of any
+        shape on the last stage, None elsewhere. Every rank must call it with the same shape
+        (they build the same schedules)."""
         rows, length = inputs.shape
         if length > self.seq_len:
             raise ValueError(f"a batch of length {length} exceeds {self.seq_len}")
@@ -238,22 +235,22 @@ class Pipeline(Strategy):
         n_microbatches = min(self.cfg.n_microbatches, rows)
         padded = nn.functional.pad(inputs, (0, self.seq_len - length, 0, -rows % n_microbatches),
                                    value=PAD).to(self.device)
-        stages, schedule = self.eval_schedule(padded, n_microbatches, hidden)
+        stages, schedule = self.eval_schedule(padded, n_microbatches)
         out = schedule.step(*((padded,) if self.is_first else ()))
         for stage in stages:
             stage.clear_runtime_states()  # else the kept stages hold on to their outputs
         return out[:rows, :length] if self.is_last else None
 
-    def eval_schedule(self, padded: torch.Tensor, n_microbatches: int, hidden: bool):
+    def eval_schedule(self, padded: torch.Tensor, n_microbatches: int):
         """Stages and a forward-only schedule for this input shape (and autocast), built on
         first use. Forwards alone run in GPipe's order whatever the training schedule (1F1B
         would also want at least as many micro-batches as stages)."""
         device_type = self.device.type
-        key = (tuple(padded.shape), n_microbatches, hidden, torch.is_autocast_enabled(device_type),
+        key = (tuple(padded.shape), n_microbatches, torch.is_autocast_enabled(device_type),
                torch.get_autocast_dtype(device_type))
         if key not in self.eval_schedules:
             schedule_class = ScheduleLoopedBFS if self.cfg.stages_per_rank > 1 else ScheduleGPipe
-            stages = self.new_stages(self.chunks[hidden])
+            stages = self.new_stages()
             self.eval_schedules[key] = stages, self.schedule(schedule_class, stages, n_microbatches)
         return self.eval_schedules[key]
 

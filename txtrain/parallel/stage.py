@@ -1,5 +1,6 @@
 """What a pipeline stage runs: a slice of the model, which takes and gives hidden states
-where the whole model takes tokens and gives logits."""
+where the whole model takes tokens and gives logits. The last stage's hidden states go to the
+model's own head and loss (``head_loss``), or to its ``logits`` where logits are asked for."""
 
 from __future__ import annotations
 
@@ -15,16 +16,13 @@ class ModelSlice(nn.Module):
     names, so parameter names, and with them checkpoints, are those of the whole model
     (``blocks.5`` stays ``blocks.5``, the head ``head.weight``)."""
 
-    def __init__(self, model: LanguageModel, block_names: list[str], first: bool, last: bool,
-                 hidden_out: bool = False):
+    def __init__(self, model: LanguageModel, block_names: list[str], first: bool, last: bool):
         super().__init__()
         if model.needs_sources:  # its decoder blocks also read the encoder's output
             raise ValueError(f"{type(model).__name__} reads a source as well as the tokens: "
                              "it cannot be cut into pipeline stages")
         self.cfg, self.vocab_size = model.cfg, model.vocab_size
         self.first, self.last = first, last
-        self.hidden_out = hidden_out  # the last stage too gives hidden states (training: the
-        # loss, ``head_loss``, runs on them without ever holding the whole logits)
         # In the model's order, so that its parameters are listed in the whole model's order.
         if first:
             self.token_embedding, self.positions, self.dropout = (
@@ -39,10 +37,10 @@ class ModelSlice(nn.Module):
     head_loss = LanguageModel.head_loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids in on the first stage, hidden states elsewhere; logits out of the last
-        (unless ``hidden_out``)."""
+        """Token ids in on the first stage, hidden states elsewhere, and hidden states out (the
+        last stage's before the final norm)."""
         if self.first:
             x = self.embed(x)
         for block in self.blocks.values():
             x = block(x)
-        return self.logits(x) if self.last and not self.hidden_out else x
+        return x
