@@ -12,6 +12,7 @@ import torch
 from conftest import call_txtrain, make_config
 from nonfinite import nan_loss_at
 from txtrain import train as train_module
+from txtrain.checkpoint import load_state_keys
 from txtrain.config import ScheduleConfig, ScheduleName, TrainingStopped
 from txtrain.optim import length_changes_past_lrs
 from txtrain.rng import capture_rng, restore_rng
@@ -39,6 +40,10 @@ def test_a_checkpoint_named_by_path_resumes_under_this_runs_optimizer_settings(t
         assert tuple(group["betas"]) == (0.8, 0.9) and group["eps"] == 1e-6
     # ... while the moments are the checkpoint's
     assert {state["step"].item() for state in trainer.optimizer.state.values()} == {2}
+    # which holds them and nothing of the param groups' settings (a resume never reads those)
+    saved = {key.split(".")[1] for key in load_state_keys(tmp_path / "first" / "checkpoints" / "step_000002")
+             if key.startswith("optimizer.")}
+    assert saved == {"state"}
 
 
 def test_a_checkpoint_of_another_optimizer_gives_its_weights_only_with_a_warning(tmp_path):
