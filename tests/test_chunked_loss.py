@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from txtrain.config import ModelConfig
 from txtrain.model import build_model
@@ -83,6 +84,39 @@ def test_the_head_costs_three_matmuls_a_chunk_and_backward_recomputes_none():
     with MatmulCount() as backward:
         loss.backward()
     assert (forward.count, backward.count) == (3 * 3, 0)  # logits, and both gradients, per chunk
+
+
+class NewTensors(TorchDispatchMode):
+    """The sizes of the tensors made inside it: not an in-place result nor a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.sizes += [t.numel() for t in tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        return out
+
+
+def test_backward_hands_on_the_heads_gradient_without_a_copy():
+    """The head's (V x C) gradient is made in forward; backward scales it in place. A copy, at
+    the start of backward, when every activation is still held, would add its size to the
+    step's peak. A second backward through it is refused, not wrong."""
+    hidden, weight, targets = case(n=40, dtype=torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    loss = TokenLoss(chunk_tokens=16, divide_by=7.0)(hidden, weight, targets, 53)
+    with NewTensors() as made:
+        (3 * loss).backward()
+    assert max(made.sizes) < weight.numel()
+    expected = grads(lambda h, w, t: 3 * plain(h, w, t, 53, 0.0) / 7, hidden.detach(), weight.detach(), targets)
+    torch.testing.assert_close(weight.grad, expected[2], rtol=1e-5, atol=1e-6)
+    loss = TokenLoss(chunk_tokens=16)(hidden, weight, targets, 53)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_every_target_ignored_gives_zero():

@@ -190,8 +190,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        # Scaled in place: a scaled copy of the head's (V x C) gradient, made at the start of
+        # backward while every activation is still held, would add its size to the step's
+        # peak. A second backward through the same graph (retain_graph=True) is refused by
+        # autograd, which sees the saved tensors modified.
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (None if grad_h is None else (grad_h * grad_total).to(hidden_dtype),
-                None if grad_w is None else (grad_w * grad_total).to(weight_dtype),
+        return (None if grad_h is None else grad_h.mul_(grad_total).to(hidden_dtype),
+                None if grad_w is None else grad_w.mul_(grad_total).to(weight_dtype),
                 None, None, None, None, None, None)
