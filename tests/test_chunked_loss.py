@@ -119,6 +119,17 @@ def test_backward_hands_on_the_heads_gradient_without_a_copy():
         loss.backward()
 
 
+def test_every_chunks_logits_go_into_one_buffer():
+    """A new (chunk x V) tensor per chunk does not reuse the last one's memory on a CPU (small
+    tensors made in between split the freed block): the heap grew by a chunk's logits per chunk."""
+    hidden, weight, targets = case(n=40, width=4, dtype=torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    for dtype in (torch.float32, torch.bfloat16):  # the products, and their fp32 copy
+        with NewTensors() as made, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            TokenLoss(chunk_tokens=16, skip_ignored=False)(hidden, weight, targets, 53)  # 3 chunks
+        assert sum(size >= 16 * 53 for size in made.sizes) == (1 if dtype == torch.float32 else 2)
+
+
 def test_every_target_ignored_gives_zero():
     hidden, weight, targets = case()
     targets[:] = IGNORE_INDEX

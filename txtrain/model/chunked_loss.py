@@ -127,26 +127,34 @@ def chunk_losses(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, sm
 
 def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ignore_index: int, smoothing: float, chunk: int, want_hits: bool = False,
-                    then: Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None):
+                    then: Callable[..., None] | None = None):
     """The loss sum and (``want_hits``) each row's argmax == target. ``hidden`` (N, C) and
     ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, p, classes,
-    valid)``, if given, gets each chunk's softmax (fp32, made in place of the logits) once its
-    loss is taken, and may overwrite it, with the chunk's target classes (0 on ignored rows)
-    and which rows count."""
+    valid, spare)``, if given, gets each chunk's softmax (fp32, made in place of the logits)
+    once its loss is taken, and may overwrite it, with the chunk's target classes (0 on
+    ignored rows), which rows count, and a free buffer of p's shape in the compute dtype (p
+    itself where that is fp32)."""
     n = hidden.shape[0]
     valid = targets != ignore_index
     classes = targets.masked_fill(~valid, 0)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     hits = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_hits else None
+    # Every chunk's logits in the same buffers. A new (chunk x V) tensor per chunk does not
+    # reuse the last one's memory on a CPU: small tensors made in between split the freed
+    # block, and the heap grew by a chunk's logits per chunk.
+    shape = (min(chunk, n), weight.shape[0])
+    products = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
+    wide = products if hidden.dtype == torch.float32 else torch.empty(shape, device=hidden.device)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        z = (hidden[rows] @ weight.T).float()
+        z = spare = torch.mm(hidden[rows], weight.T, out=products[: rows.stop - start])
+        if z.dtype != torch.float32:
+            z = wide[: rows.stop - start].copy_(z)
         if want_hits:
             hits[rows] = z.argmax(-1) == targets[rows]
         total += chunk_losses(z, classes[rows], valid[rows], smoothing, into_softmax=then is not None).sum()
         if then is not None:
-            then(rows, z, classes[rows], valid[rows])
-        del z
+            then(rows, z, classes[rows], valid[rows], spare)
     return total, hits
 
 
@@ -164,7 +172,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             h, w = hidden.to(dtype), weight[:vocab_size].to(dtype)
 
             def into_gradients(rows: slice, z: torch.Tensor, classes: torch.Tensor,
-                               valid: torch.Tensor) -> None:
+                               valid: torch.Tensor, spare: torch.Tensor) -> None:
                 # z, the softmax, becomes d(loss)/d(logits): softmax - (1 - smoothing) * one-hot
                 # - smoothing / V; then the chunk's share of both gradients. Ignored rows add
                 # nothing: they are zeroed on the (rows x width) side, not the (rows x V) one,
@@ -173,7 +181,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
                                                                device=z.device))
                 if smoothing > 0:
                     z.sub_(smoothing / vocab_size)
-                g, keep = z.to(dtype), valid[:, None].to(dtype)
+                g = z if spare is z else spare.copy_(z)  # the compute dtype's copy, for the matmuls
+                keep = valid[:, None].to(dtype)
                 if want_h:
                     grad_h[rows] = (g @ w) * keep
                 if want_w:
