@@ -11,7 +11,8 @@ It costs resident memory: the heap keeps up to 2 GiB free at its top (M_TRIM_THR
 two loaded cores, 4 steps, the OS's max RSS: ``task=socrates model=tiny`` (chunked loss) 706
 tokens/s and 2.2 GiB with it, 333 tokens/s and 0.94 GiB without; bench.py's reference config
 (whole logits) 114 and 3.7 GiB, 95 and 2.6 GiB. It pays in speed on both, so it stays the
-default; ``keep_freed_memory=false`` (config.py) turns it off where memory is tight.
+default; ``keep_freed_memory=false`` (config.py) turns it off where memory is tight. Once the
+last step is taken, ``return_freed_memory`` gives the kept blocks back.
 """
 
 from __future__ import annotations
@@ -32,3 +33,14 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim), once training is over:
+    what ``keep_freed_memory`` kept for the next step would otherwise stay resident under the
+    final evaluation, checkpoint and plot, which then add their own on top of the step's peak."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

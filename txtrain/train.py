@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from txtrain.allocator import keep_freed_memory
+from txtrain.allocator import keep_freed_memory, return_freed_memory
 from txtrain.checkpoint import Checkpoints, SaveFailed
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
 from txtrain.early_stop import EarlyStopping
@@ -112,6 +112,8 @@ class Trainer:
                 log.step(record)
                 if self.step == self.first_step + 1:
                     self.after_first_step(log, speed)
+                if self.step == train.steps:  # no step follows to reuse freed memory
+                    return_freed_memory()
 
                 with speed.paused():  # evaluation and saving are not training
                     if stop.agreed(self.device):  # first: a launcher's grace period is short
