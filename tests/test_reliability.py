@@ -63,8 +63,8 @@ def test_resuming_from_a_damaged_checkpoint_by_path_is_a_one_line_error(tmp_path
 
 def test_when_every_checkpoint_is_damaged_resume_auto_says_so(tmp_path):
     train(tmp_path, "train.steps=10")
-    for checkpoint in Checkpoints(tmp_path / "checkpoints").saved():
-        truncate_largest_file(checkpoint)
+    for folder in Checkpoints(tmp_path / "checkpoints").saved():
+        truncate_largest_file(folder)
     with pytest.raises(DamagedCheckpoint, match="every checkpoint .* is damaged"):
         Trainer(make_config(*RUN, "train.steps=20"), tmp_path)
 
