@@ -26,7 +26,14 @@ sys.exit(status)
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB, VmHWM")
 
 
-def test_the_reported_cpu_peak_is_the_os_max_resident_size(tmp_path):
+# How the training ends: at its last step, or (train.patience) at an evaluation that stops it
+# early; what follows must not come on top of the steps' peak either way.
+ENDINGS = {"last step": ["train.steps=2"],
+           "early stop": ["train.steps=3", "train.eval_every=1", "train.patience=1", "train.min_delta=100"]}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_the_reported_cpu_peak_is_the_os_max_resident_size(tmp_path, ending):
     text = tmp_path / "text.txt"
     text.write_text("".join(random.Random(0).choice("abcdefgh \n") for _ in range(20_000)))
     # Manual attention keeps 8 heads' 512 x 512 scores of 16 windows (hundreds of MB, for
@@ -40,7 +47,7 @@ def test_the_reported_cpu_peak_is_the_os_max_resident_size(tmp_path):
                f"task.cache_dir={tmp_path / 'cache'}", "task.seq_len=512", "task.eval_tokens=512",
                "task.sample_tokens=0", "model=tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=8",
                "model.max_seq_len=512", "model.impl=manual", "model.dropout=0", "train.batch_size=16",
-               "train.eval_batch_size=1", "train.steps=2", "device=cpu", "progress=false", "plot=true",
+               "train.eval_batch_size=1", *ENDINGS[ending], "device=cpu", "progress=false", "plot=true",
                f"hydra.run.dir={run_dir}"]
     result = subprocess.run([sys.executable, "-c", GO_BETWEEN, *command], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"), timeout=120)
@@ -52,5 +59,6 @@ def test_the_reported_cpu_peak_is_the_os_max_resident_size(tmp_path):
     assert rank["measured_peak"] > rank["baseline"] + 200 * MiB  # clearly the training's
     assert abs(rank["measured_peak"] - os_peak) <= 0.01 * os_peak, (rank["measured_peak"] / MiB, os_peak / MiB)
     assert (run_dir / "loss.png").is_file() and (run_dir / "checkpoints" / "latest").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["result"]["step"] == 2
     log = (run_dir / "txtrain.log").read_text()
     assert "whole run" in log and "held before the model" in log

@@ -24,14 +24,23 @@ M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 M_MMAP_MAX = -4
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc's (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Tell glibc not to mmap large blocks nor trim the heap; False where that is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = glibc()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # musl and others have no mallopt
+        return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except AttributeError:  # musl and others have no mallopt
         return False
 
 
@@ -39,8 +48,6 @@ def return_freed_memory() -> None:
     """Give the heap's free pages back to the OS (glibc's malloc_trim), once training is over:
     what ``keep_freed_memory`` kept for the next step would otherwise stay resident under the
     final evaluation, checkpoint and plot, which then add their own on top of the step's peak."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    libc = glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

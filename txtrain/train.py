@@ -112,17 +112,19 @@ class Trainer:
                 log.step(record)
                 if self.step == self.first_step + 1:
                     self.after_first_step(log, speed)
-                if self.step == train.steps:  # no step follows to reuse freed memory
-                    return_freed_memory()
 
                 with speed.paused():  # evaluation and saving are not training
                     if stop.agreed(self.device):  # first: a launcher's grace period is short
                         self.stop_here(log, stop.received)
+                    if self.step == train.steps:  # no step follows to reuse freed memory
+                        return_freed_memory()
                     if is_due(self.step, train.eval_every, train.steps):
                         self.evaluate(log)
                     best_or_last = self.early_stop.wants_checkpoint(self.step)  # (train.patience)
                     if best_or_last or is_due(self.step, train.save_every, train.steps):
                         self.save(log)
+        if self.step < train.steps:  # early stopping ended the loop: before the plot, at least
+            return_freed_memory()
         if self.last_eval.get("step") != self.step:  # a run resumed at its last step
             self.evaluate(log)
             if self.early_stop.wants_checkpoint(self.step):
