@@ -232,7 +232,8 @@ def run_command() -> None:
     # Let exceptions reach us instead of Hydra's own report, which exits 1 with several lines.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
-        with command_line(hydra_arguments(sys.argv)):
+        arguments = hydra_arguments(sys.argv)
+        with command_line(arguments), mode_known_without_composing():
             run()
     except Bug:
         raise
@@ -273,6 +274,38 @@ def command_line(arguments: list[str]) -> Iterator[None]:
         yield
     finally:
         sys.argv = saved
+
+
+@contextmanager
+def mode_known_without_composing() -> Iterator[None]:
+    """Run or sweep as the command line says (``-m`` or not), without composing the config an
+    extra time to find out.
+
+    Before it composes the config for the run, Hydra composes it once more only to read
+    ``hydra.mode``, which a config file may set: a fifth of a second of every start (of each
+    rank, each sweep job). No config of txtrain's own sets it (a test sees to that), so where
+    every config comes from the package and no override sets the mode or the search path, the
+    answer is known: no mode, and Hydra goes by ``-m``, as it does after reading the configs.
+    With a config folder of the user's (``--config-dir``, a search path plugin), Hydra reads
+    the mode as usual."""
+    from hydra._internal.hydra import Hydra
+
+    read_mode = Hydra.get_mode
+
+    def get_mode(hydra_app, config_name, overrides):
+        packaged = {("hydra", "hydra.conf"), ("main", CONFIG_MODULE)}  # and the schemas' store
+        sources = hydra_app.config_loader.get_sources()
+        if (all((source.provider, source.path) in packaged or source.provider == "schema" for source in sources)
+                and not any(override.lstrip("+~").split("=", 1)[0] in ("hydra.mode", "hydra.searchpath")
+                            for override in overrides)):
+            return None
+        return read_mode(hydra_app, config_name, overrides)
+
+    Hydra.get_mode = get_mode
+    try:
+        yield
+    finally:
+        Hydra.get_mode = read_mode
 
 
 # A plan writes nothing: no run dir, no saved config, no log file (the handler opens it lazily).

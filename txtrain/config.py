@@ -8,6 +8,7 @@ runs when the composed config is turned into these objects (``OmegaConf.to_objec
 
 from __future__ import annotations
 
+import functools
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
@@ -397,6 +398,7 @@ class Config:
                 "encoder_decoder")
 
 
+@functools.cache  # once a process: the schemas do not change, and storing them takes 25 ms
 def register_configs() -> None:
     """The typed schemas the config files build on. They are stored as configs of their own,
     not as a group, so that ``--help`` lists only the groups a user picks from."""
