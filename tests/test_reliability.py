@@ -12,7 +12,9 @@ from txtrain.checkpoint import Checkpoints, DamagedCheckpoint, verify
 from txtrain.config import ConfigError
 from txtrain.train import Trainer
 
-RUN = ["train.log_every=1", "train.eval_every=0", "train.save_every=5"]
+# The smallest model and batch that still make checkpoints worth damaging.
+RUN = ["train.log_every=1", "train.eval_every=0", "train.save_every=5", "model.n_layer=1", "model.n_embd=32",
+       "model.n_head=2", "train.batch_size=16", "task.n_eval=50"]
 
 
 def train(run_dir: Path, *overrides: str) -> Trainer:
@@ -54,7 +56,7 @@ def test_resuming_from_a_damaged_checkpoint_by_path_is_a_one_line_error(tmp_path
     train(tmp_path / "run", "train.steps=5")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000005"
     (checkpoint / "manifest.json").unlink()
-    done = run_txtrain(f"resume={checkpoint}", f"hydra.run.dir={tmp_path / 'next'}", "train.steps=10",
+    done = run_txtrain(*RUN, f"resume={checkpoint}", f"hydra.run.dir={tmp_path / 'next'}", "train.steps=10",
                        "progress=false", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("error: checkpoint") and "incomplete or damaged" in done.stderr
