@@ -63,10 +63,11 @@ def test_cross_attention_takes_sources_and_targets_of_different_lengths():
 
 def test_encoder_decoder_learns_reverse(tmp_path):
     cfg = make_config("experiment=transformer", "model=transformer-tiny", "train.steps=400", "train.log_every=50",
-                      "train.eval_every=0", "train.save_every=0", "task.n_eval=200", "task.max_len=8")
+                      "train.eval_every=0", "train.save_every=0", "task.n_eval=200", "task.max_len=6",
+                      "train.batch_size=32")
     summary = Trainer(cfg, tmp_path).fit()
-    # From about 0 to 0.9-1.0 in 400 steps, as the thread count rounds the sums (0.895 on one
-    # thread, above 0.95 on two): the bar is set to say "learned", not to the rounding.
+    # From about 0 to 0.93-1.0 in 400 steps (seeds 0-3, one thread), as the seed and the thread
+    # count's rounding of the sums have it: the bar is set to say "learned", not to the rounding.
     assert summary["exact_match"] >= 0.8, summary
 
 
