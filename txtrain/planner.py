@@ -35,10 +35,11 @@ accumulate into them) and the update (gradients plus the optimizer's temporaries
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 from torch import nn
@@ -80,11 +81,34 @@ class Layout:
     device_type: str  # cpu | cuda: where kernels differ in what they save
 
 
-def plan_memory(cfg: Config, layout: Layout) -> list[RankPlan]:
-    """A plan for every rank (they differ under uneven shards and pipeline stages)."""
-    model = meta_model(cfg.model, layout.vocab_size)
+def plan_memory(cfg: Config, layout: Layout, model: ModelParameters | None = None) -> list[RankPlan]:
+    """A plan for every rank (they differ under uneven shards and pipeline stages). ``model``:
+    the config's model's parameters, where the caller has them already."""
+    model = model or ModelParameters.of(meta_model(cfg.model, layout.vocab_size), cfg.optim)
     placement = cfg.parallel.placement(layout.world_size)
     return [plan_rank(cfg, layout, placement, model, rank) for rank in range(layout.world_size)]
+
+
+@dataclass
+class ModelParameters:
+    """What a plan needs to know of a model's parameters, gathered once: a plan asks it for
+    every rank, and a search for what fits asks it for dozens of layouts."""
+
+    params: dict[str, nn.Parameter]  # a tied embedding appears once
+    names: dict[str, list[str]]  # every name of each parameter (parameter_names)
+    blocks: list[str]
+    largest_block: int  # elements of the largest block
+    outside_blocks: int  # elements of everything else: embeddings, final norm, head
+    head: int  # elements of the head's weight
+    muon: set[int]  # the parameters optim=muon updates (ids), none for other optimizers
+
+    @classmethod
+    def of(cls, model: nn.Module, optim) -> ModelParameters:
+        block_sizes = [numel(model.blocks[b]) for b in model.blocks]
+        return cls(params=dict(model.named_parameters()), names=parameter_names(model),
+                   blocks=list(model.blocks), largest_block=max(block_sizes, default=0),
+                   outside_blocks=numel(model) - sum(block_sizes), head=model.head.weight.numel(),
+                   muon={id(p) for p in hidden_matrices(model)} if str(optim.name) == "muon" else set())
 
 
 def meta_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -111,19 +135,19 @@ def skip_initializers() -> Iterator[None]:
             setattr(nn.init, name, function)
 
 
-def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: nn.Module,
+def plan_rank(cfg: Config, layout: Layout, placement: Placement, model: ModelParameters,
               rank: int) -> RankPlan:
-    blocks = placement.blocks(rank, list(model.blocks))
-    params = dict(model.named_parameters())  # a tied embedding appears once
-    names = parameter_names(model)
-    local = {name: placement.numel_held(p.shape, rank) for name, p in params.items()
-             if any(holds(placement, rank, blocks, alias) for alias in names[name])}
+    blocks = placement.blocks(rank, model.blocks)
+    params = model.params
+    held = functools.cache(lambda shape: placement.numel_held(shape, rank))  # gpt2-xl: 676 of 12 shapes
+    runs = set(blocks)
+    local = {name: held(p.shape) for name, p in params.items()
+             if any(holds(placement, rank, runs, alias) for alias in model.names[name])}
     param_bytes = sum(n * params[name].element_size() for name, n in local.items())
     trainable = {name: n for name, n in local.items() if params[name].requires_grad}
     grad_bytes = sum(n * params[name].element_size() for name, n in trainable.items())
     # optim=muon: one momentum buffer for each matrix Muon updates, AdamW's state for the rest
-    muon = {id(p) for p in hidden_matrices(model)} if str(cfg.optim.name) == "muon" else set()
-    muon_bytes = [n * FP32 for name, n in trainable.items() if id(params[name]) in muon]
+    muon_bytes = [n * FP32 for name, n in trainable.items() if id(params[name]) in model.muon]
     optimizer = optimizer_state_bytes(cfg.optim, [n * FP32 for n in trainable.values()], muon_bytes)
 
     has_head = placement.holds_head(rank)
@@ -156,7 +180,7 @@ def parameter_names(model: nn.Module) -> dict[str, list[str]]:
     return {aliases[0]: aliases for aliases in names.values()}
 
 
-def holds(placement: Placement, rank: int, blocks: list[str], name: str) -> bool:
+def holds(placement: Placement, rank: int, blocks: Collection[str], name: str) -> bool:
     """Whether ``rank``, which runs ``blocks``, holds parameter ``name``: by the part of the
     model the name says it belongs to."""
     if name.startswith("blocks."):
@@ -235,20 +259,18 @@ class Activations:
 
 
 # --- buffers ------------------------------------------------------------------------------------
-def buffer_bytes(cfg: Config, placement: Placement, model: nn.Module, blocks: list[str],
+def buffer_bytes(cfg: Config, placement: Placement, model: ModelParameters, blocks: list[str],
                  has_head: bool, grad_bytes: int) -> int:
     """Memory that is neither a parameter shard nor an activation but lives through the step."""
     compute = 4 if str(cfg.precision.name) == "fp32" else 2
-    block_numel = max((numel(model.blocks[b]) for b in model.blocks), default=0)
-    root = numel(model) - sum(numel(model.blocks[b]) for b in model.blocks)
-    gathered = placement.gathered_bytes(root, block_numel, compute)
+    gathered = placement.gathered_bytes(model.outside_blocks, model.largest_block, compute)
     if gathered is not None:
         return gathered
     buffers = placement.gradient_buffer_bytes(grad_bytes)
     if compute < 4:  # autocast keeps a low-precision copy of every matrix it multiplies
-        matrices = block_numel * (1 if cfg.model.activation_checkpointing else len(blocks))
+        matrices = model.largest_block * (1 if cfg.model.activation_checkpointing else len(blocks))
         if has_head:
-            matrices += model.head.weight.numel()
+            matrices += model.head
         buffers += compute * matrices
     return buffers
 
@@ -263,8 +285,10 @@ def what_fits(cfg: Config, layout: Layout, budget: int, limit: int = 3) -> list[
     bytes, the least intrusive first: checkpointing, bf16, then sharding the parameters over
     more ranks, then smaller micro-batches."""
     found = []
+    # The candidates change the layout, precision and checkpointing, never a parameter's shape.
+    model = ModelParameters.of(meta_model(cfg.model, layout.vocab_size), cfg.optim)
     for overrides, candidate, world in candidates(cfg, layout.world_size):
-        peak = max(p.peak for p in plan_memory(candidate, dataclasses.replace(layout, world_size=world)))
+        peak = max(p.peak for p in plan_memory(candidate, dataclasses.replace(layout, world_size=world), model))
         if peak <= budget:
             found.append((overrides, peak))
             if len(found) == limit:
