@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from conftest import call_txtrain
 
-# The finished run each case is pointed at (tiny: one layer, two steps).
-RUN = ["model.n_layer=1", "train.steps=2", "train.eval_every=0"]
+# The finished run each case is pointed at (one layer 32 wide, two steps).
+RUN = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.steps=2", "train.eval_every=0"]
 TEXT = ["task=text", "task.tokenizer=char", "task.cache_dir={data}/cache"]
 
 CASES = {
