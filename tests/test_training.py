@@ -136,3 +136,20 @@ def test_schedules():
     assert factors[109] == 0.0
     # Extending a run before its decay starts changes nothing that was already done.
     assert [lr_factor(wsd, s, 210) for s in range(90)] == factors[:90]
+
+
+def test_only_rank_0_works_out_what_only_it_writes(tmp_path, monkeypatch):
+    """The memory report (and the search for what fits, where a plan does not) and git's
+    answers for run.json: every rank worked them out at start-up, and rank 0 alone wrote them."""
+    import txtrain.train
+
+    asked = []
+    monkeypatch.setattr(txtrain.train.planner, "report", lambda *args: asked.append("report") or [])
+    monkeypatch.setattr(txtrain.train, "run_identity", lambda *args: asked.append("identity") or {})
+    trainer = Trainer(make_config(*SMALL, "train.steps=1"), tmp_path / "rank1")
+    with monkeypatch.context() as patched:  # as the second of two ranks sees itself
+        patched.setattr(type(trainer.strategy), "is_main", property(lambda strategy: False))
+        trainer.fit()
+    assert asked == []
+    Trainer(make_config(*SMALL, "train.steps=1"), tmp_path / "rank0").fit()
+    assert asked == ["report", "identity"]

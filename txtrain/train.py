@@ -88,8 +88,9 @@ class Trainer:
             return finished
         log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps,
                      loggers=self.cfg.logger, config=plain(self.cfg))
-        self.announce(log)
-        log.run_info(**run_identity(self.strategy.world_size, self.device))
+        if self.strategy.is_main:  # the others write neither: no memory report, no git lookups
+            self.announce(log)
+            log.run_info(**run_identity(self.strategy.world_size, self.device))
         started, tokens_at_start = time.perf_counter(), self.tokens
         speed = Speed(self.tokens, self.step)
         with StopRequests(train.stop_signal) as stop:  # SIGTERM, Ctrl-C: save, then leave
