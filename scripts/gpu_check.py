@@ -32,7 +32,8 @@ The rows (on ``--device cpu``, the scaled-down version or why it is skipped is i
   logged steps in fp32 (TF32 off), no dropout, relative difference at most 1e-5.
 - ``dp-bf16``: ``parallel=dp precision=bf16`` over every GPU computes in bf16: a forward hook
   on each Linear records the dtype of its output in every DataParallel replica during one
-  ``Trainer.train_step``. [Needs 2 GPUs: DataParallel does not wrap with fewer.]
+  ``Trainer.train_step``, and an evaluation follows. [Needs 2 GPUs: DataParallel does not
+  wrap with fewer.]
 - ``compile``: ``compile=true`` trains, with losses within 1e-3 of eager; the figure says how
   long the first step (the compilation) took. [Skipped: inductor's C++ build on a CPU takes
   minutes.]
@@ -373,10 +374,13 @@ def check_dp_bf16(ctx: Context) -> Result:
                                  cfg.optim.lr * lr_factor(cfg.schedule, 0, cfg.train.steps))
     devices = sorted({device for device, _ in seen})
     dtypes = sorted({dtype for _, dtype in seen})
+    # Evaluation runs on the first GPU alone: DataParallel would gather one loss per GPU.
+    with torch.no_grad(), trainer.precision.autocast():
+        evaluation = trainer.strategy.evaluate(trainer.model, trainer.task.evaluation(cfg.train.eval_batch_size))
     passed = dtypes == ["bfloat16"] and len(devices) >= 2 and bool(torch.isfinite(loss))
     return Result(passed, f"Linear outputs {', '.join(dtypes)} on {len(devices)} GPUs",
-                  f"devices {', '.join(devices)}; loss {loss.item():.4f}",
-                  {"seen": sorted(seen), "loss": loss.item()})
+                  f"devices {', '.join(devices)}; loss {loss.item():.4f}; evaluation {evaluation}",
+                  {"seen": sorted(seen), "loss": loss.item(), "evaluation": evaluation})
 
 
 def check_compile(ctx: Context) -> Result:

@@ -54,8 +54,9 @@ def first_host(nodelist: str) -> str:
 
 def join_job() -> bool:
     """Join the process group of a job that torchrun (or SLURM) started; returns whether this
-    process is part of one. NCCL for CUDA tensors (one device per process, from LOCAL_RANK)
-    and gloo for CPU tensors; gloo alone where there is no GPU. Safe to call again."""
+    process is part of one. NCCL for CUDA tensors and gloo for CPU tensors; gloo alone where
+    there is no GPU. No GPU is bound here, before the config says whether the run uses one: a
+    run on GPUs binds its own when its strategy is built (``own_gpu``). Safe to call again."""
     adopt_slurm_environment()
     if not under_torchrun():
         return False
@@ -64,16 +65,33 @@ def join_job() -> bool:
 
     if dist.is_initialized():
         return True
-    backend = "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        backend = "cpu:gloo,cuda:nccl"
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     store = restart_store()
     if store is None:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=store, rank=env_rank(), world_size=env_world_size())
     return True
+
+
+def own_gpu() -> int:
+    """The index of this process's GPU, in a job of one process per GPU: its LOCAL_RANK's, or
+    the only GPU it sees where the launcher gives each task one GPU and hides the others (SLURM's
+    --gpus-per-task). A process without a GPU of its own is refused: NCCL cannot run two ranks
+    on one GPU."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    on_this_node = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun says how many it started here
+    if on_this_node is None and visible == 1:
+        return 0
+    if local_rank < visible and int(on_this_node or 0) <= visible:
+        return local_rank
+    processes = f"{on_this_node} processes" if on_this_node else f"local rank {local_rank}"
+    raise ConfigError(f"{processes} on this node but {visible} GPU{'s' * (visible != 1)} visible: each "
+                      f"process needs a GPU of its own; start at most {visible} per node "
+                      f"(torchrun --nproc-per-node={visible}), or train on the CPU with device=cpu")
 
 
 def restart_store():

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from txtrain.config import Config, ConfigError
-from txtrain.distributed import require_launched
+from txtrain.distributed import own_gpu, require_launched
 from txtrain.generate import ModelLogits
 from txtrain.model.base import tied_aliases
 from txtrain.model.chunked_loss import TokenLoss
@@ -57,6 +57,9 @@ class Strategy:
         if self.placement.multi_process:
             require_launched(self.name, self.placement.min_ranks)
         self.device = pick_device(device)
+        if self.device.type == "cuda" and self.placement.multi_process:  # one GPU per process
+            self.device = torch.device("cuda", own_gpu())
+            torch.cuda.set_device(self.device)
         self.data_parallel_rank = self.placement.data_parallel_rank(self.rank)
         self.data_parallel_size = self.placement.data_parallel_size
         if self.world_size > 1 and not self.placement.multi_process:

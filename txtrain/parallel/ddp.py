@@ -8,7 +8,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from txtrain.parallel.base import Strategy
-from txtrain.parallel.specs import ParallelConfig
 
 
 # (No `from __future__ import annotations` here: DDP checks the hook's annotations as types.)
@@ -22,11 +21,6 @@ def sum_gradients(process_group: dist.ProcessGroup,
 
 class DDP(Strategy):
     name = "ddp"
-
-    def __init__(self, cfg: ParallelConfig, device: str = "auto"):
-        super().__init__(cfg, device)
-        if self.device.type == "cuda":  # one device per process: the one torchrun assigned
-            self.device = torch.device("cuda", torch.cuda.current_device())
 
     def describe(self) -> str:
         return f"{self.name} over {self.world_size} processes on {self.device.type}"

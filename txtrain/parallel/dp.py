@@ -7,6 +7,11 @@ DataParallel runs each replica in a thread of its own and re-enters autocast the
 its dtype, which on CUDA means fp16: each replica therefore enters the run's autocast itself
 (``AutocastEachReplica``). And it copies the model at every forward, while a compiled block
 stays bound to the original's weights on the first GPU: ``compile=true`` is refused.
+
+Only training goes through DataParallel. Evaluation and sampling run the model on the first
+GPU: DataParallel gathers the replicas' 0-dim losses into a vector (one loss per GPU, where
+the scorers expect one number), and it scatters a one-row sampling batch to one GPU while it
+copies the keyword arguments to every GPU, so the other replicas would run without inputs.
 """
 
 from __future__ import annotations
@@ -76,3 +81,9 @@ class DP(Strategy):
         while isinstance(model, (nn.DataParallel, AutocastEachReplica)):
             model = model.module
         return model
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        return self.unwrap(model)  # on the first GPU, under the trainer's autocast
+
+    def generate(self, model: nn.Module, run):
+        return super().generate(self.unwrap(model), run)

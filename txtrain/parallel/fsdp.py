@@ -32,8 +32,6 @@ class FSDP(Strategy):
         # gradients are reduced, and the sharded weights kept, in fp32.
         self.mixed_precision = MixedPrecisionPolicy(param_dtype=DTYPES[precision],
                                                     reduce_dtype=torch.float32)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.placement.check_ranks(f"the {self.world_size} processes")
         shape, names = (cfg.replicate, self.placement.shard_group), ("replicate", "shard")
         if cfg.replicate == 1:

@@ -47,8 +47,6 @@ class Pipeline(Strategy):
 
     def __init__(self, cfg: PipelineConfig, device: str = "auto", seq_len: int = 0):
         super().__init__(cfg, device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.n_stages = self.placement.n_stages
         self.my_stages = self.placement.stages(self.rank)
         self.is_first = self.placement.holds_embeddings(self.rank)
