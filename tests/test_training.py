@@ -1,5 +1,6 @@
 """The trainer learns, repeats itself, resumes exactly, and accumulates gradients exactly."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,21 @@ def test_only_rank_0_works_out_what_only_it_writes(tmp_path, monkeypatch):
     assert asked == []
     Trainer(make_config(*SMALL, "train.steps=1"), tmp_path / "rank0").fit()
     assert asked == ["report", "identity"]
+
+
+def test_the_per_step_agreement_to_stop_counts_as_training_time(tmp_path, monkeypatch):
+    """Under several ranks, agreeing whether to stop waits for the step's work on the GPU (an
+    all-reduce read on the host); left out of the step's time, it made tokens/s too high."""
+    import time
+
+    from txtrain.stopping import StopRequests
+
+    def agree_slowly(self, device):
+        time.sleep(0.2)
+        return False
+
+    monkeypatch.setattr(StopRequests, "agreed", agree_slowly)
+    Trainer(make_config(*SMALL, "train.steps=3", "train.log_every=1"), tmp_path / "run").fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["step_ms"] >= 200 for r in records[1:])  # each after a step's agreement

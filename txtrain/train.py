@@ -114,9 +114,11 @@ class Trainer:
                 if self.step == self.first_step + 1:
                     self.after_first_step(log, speed)
 
+                # Every step, before anything slow (a launcher's grace period is short). Under
+                # several ranks it waits for this step's work on the device: training time.
+                if stop.agreed(self.device):
+                    self.stop_here(log, stop.received)
                 with speed.paused():  # evaluation and saving are not training
-                    if stop.agreed(self.device):  # first: a launcher's grace period is short
-                        self.stop_here(log, stop.received)
                     if self.step == train.steps:  # no step follows to reuse freed memory
                         return_freed_memory()
                     if is_due(self.step, train.eval_every, train.steps):
