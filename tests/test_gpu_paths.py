@@ -88,6 +88,7 @@ def two_gpus_for_dp(monkeypatch):
         self.n_gpus = 2
 
     monkeypatch.setattr(DP, "__init__", over_two)
+    monkeypatch.setattr(torch.cuda, "default_generators", (torch.Generator(), torch.Generator()))
     monkeypatch.setattr(nn, "DataParallel", DataParallelOverTwoCPUs)
     monkeypatch.setattr(scatter_gather.Scatter, "apply", scatter_on_cpu)
     monkeypatch.setattr(scatter_gather.Gather, "apply", gather_on_cpu)

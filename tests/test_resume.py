@@ -95,7 +95,7 @@ def test_a_resume_under_more_processes_gives_every_rank_its_own_random_stream(tm
     train(tmp_path, "train.steps=2")  # one process: one saved stream
     continued = torch.rand(8)  # what the stream of rank 0 draws next
     saved = torch.load(tmp_path / "checkpoints" / "step_000002" / "meta.pt", weights_only=True)["rng"]
-    restore_rng(saved[0], torch.device("cpu"))
+    restore_rng(saved[0], [torch.device("cpu")])
     assert torch.equal(torch.rand(8), continued)  # (the saved state is the one after training)
 
     rank0 = dropout_draws(tmp_path, monkeypatch, rank=0, world_size=2)
@@ -148,10 +148,10 @@ class FakeCuda:
 
 def test_cuda_random_state_is_the_ranks_own_device_and_restores_on_fewer_gpus(monkeypatch):
     eight = FakeCuda(monkeypatch, n=8, current=5)
-    state = capture_rng(torch.device("cuda", 5))  # rank 5 of a job on 8 GPUs
+    state = capture_rng([torch.device("cuda", 5)])  # rank 5 of a job on 8 GPUs
     assert torch.equal(state["cuda"], eight.states[5])
     one = FakeCuda(monkeypatch, n=1)  # resumed where one GPU is visible
-    restore_rng(state, torch.device("cuda"))
+    restore_rng(state, [torch.device("cuda")])
     assert torch.equal(one.states[0], eight.states[5])
 
 
@@ -159,8 +159,29 @@ def test_a_checkpoint_holding_every_gpus_random_state_restores_on_fewer_gpus(mon
     one = FakeCuda(monkeypatch, n=1)
     every_gpu = [torch.full((16,), 10 + i, dtype=torch.uint8) for i in range(8)]  # as saved before
     restore_rng({"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": every_gpu},
-                torch.device("cuda"))
+                [torch.device("cuda")])
     assert torch.equal(one.states[0], every_gpu[0])
+
+
+def test_data_parallel_keeps_every_gpus_random_stream_and_gives_each_its_own(monkeypatch):
+    """parallel=dp draws each replica's dropout from its own GPU's generator: a checkpoint keeps
+    all of them, and at the start each GPU gets a stream of its own."""
+    from txtrain.parallel.dp import DP
+    from txtrain.rng import seed_each_gpu
+
+    before = FakeCuda(monkeypatch, n=2)
+    strategy = DP(make_config("parallel=dp").parallel, "cuda", seed=7)
+    assert strategy.rng_devices == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    state = capture_rng(strategy.rng_devices)
+    after = FakeCuda(monkeypatch, n=2)
+    after.states = {i: torch.zeros(16, dtype=torch.uint8) for i in range(2)}
+    restore_rng(state, strategy.rng_devices)
+    assert all(torch.equal(after.states[i], before.states[i]) for i in range(2))
+
+    generators = (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))  # as seeded alike
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    seed_each_gpu(7, 2)
+    assert generators[0].initial_seed() == 7 and generators[1].initial_seed() not in (7, 8)
 
 
 # --- starting over ------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ class Trainer:
     def write_checkpoint(self, warn=lambda line: None) -> Path:
         meta = CheckpointMeta(
             step=self.step, tokens=self.tokens,
-            rng=self.strategy.gather(capture_rng(self.device)),  # one per rank
+            rng=self.strategy.gather(capture_rng(self.strategy.rng_devices)),  # one per rank
             last_loss=self.last_loss, last_eval=self.last_eval, skipped_steps=self.skipped_steps,
             nonfinite_in_a_row=self.nonfinite_in_a_row, schedule_steps=self.cfg.train.steps,
             precision=self.precision.state_dict(), model_config=plain(self.cfg.model),
@@ -302,7 +302,7 @@ class Trainer:
         self.precision.load_state_dict(meta.precision)
         if self.cfg.resume == "auto":  # a checkpoint named by path: its best is another run dir's
             self.early_stop.load_state_dict(meta.early_stopping)
-        restore_rank_rng(meta.rng, self.strategy.rank, self.cfg.seed, self.step, self.device)
+        restore_rank_rng(meta.rng, self.strategy.rank, self.cfg.seed, self.step, self.strategy.rng_devices)
         self.resume_warnings += schedule_change(self.cfg, meta)
         return path
 

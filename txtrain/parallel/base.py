@@ -76,6 +76,12 @@ class Strategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def rng_devices(self) -> list[torch.device]:
+        """The devices whose random generators this process draws from (a checkpoint keeps
+        their states)."""
+        return [self.device]
+
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
 

@@ -25,6 +25,7 @@ from txtrain.config import Config, ConfigError
 from txtrain.parallel.base import Strategy
 from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import DTYPES
+from txtrain.rng import seed_each_gpu
 
 log = logging.getLogger("txtrain")
 
@@ -47,10 +48,11 @@ class DP(Strategy):
     name = "dp"
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto", precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, seed: int = 0):
         super().__init__(cfg, device)
         self.n_gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
         self.dtype = DTYPES[precision]
+        self.seed = seed
         if self.n_gpus < 2:
             log.warning(f"parallel=dp needs at least 2 GPUs and found {self.n_gpus}; "
                         "running as parallel=none")
@@ -62,7 +64,7 @@ class DP(Strategy):
 
     @classmethod
     def from_config(cls, cfg: Config, seq_len: int) -> DP:
-        return cls(cfg.parallel, cfg.device, str(cfg.precision.name), cfg.compile)
+        return cls(cfg.parallel, cfg.device, str(cfg.precision.name), cfg.compile, cfg.seed)
 
     def describe(self) -> str:
         if self.n_gpus < 2:
@@ -73,6 +75,7 @@ class DP(Strategy):
         model = model.to(self.device)
         if self.n_gpus < 2:
             return model
+        seed_each_gpu(self.seed, self.n_gpus)  # each replica draws dropout from its GPU's generator
         if self.dtype is not None:
             model = AutocastEachReplica(model, self.dtype, self.device.type)
         return nn.DataParallel(model)
@@ -81,6 +84,12 @@ class DP(Strategy):
         while isinstance(model, (nn.DataParallel, AutocastEachReplica)):
             model = model.module
         return model
+
+    @property
+    def rng_devices(self) -> list[torch.device]:
+        if self.n_gpus < 2:
+            return [self.device]
+        return [torch.device(self.device.type, index) for index in range(self.n_gpus)]
 
     def evaluation_model(self, model: nn.Module) -> nn.Module:
         return self.unwrap(model)  # on the first GPU, under the trainer's autocast
