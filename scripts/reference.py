@@ -176,11 +176,8 @@ def main() -> None:
 
     if args.device == "cpu":
         keep_freed_memory()
-    if args.device == "cuda":  # TF32 matmuls, as txtrain's default
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = True
+    if args.device == "cuda":  # TF32 matmuls, as txtrain's default (and set as txtrain does:
+        torch.backends.cuda.matmul.allow_tf32 = True  # torch keeps fp32_precision in step)
     torch.manual_seed(args.seed)
     padded = -(-args.vocab_size // args.vocab_multiple) * args.vocab_multiple
     model = GPT(args.vocab_size, padded, args.seq_len, args.n_layer, args.n_head, args.n_embd,

@@ -94,3 +94,20 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(tmp_path):
     assert loss_on == pytest.approx(loss_off, rel=1e-6)
     for on, off in zip(grads_on, grads_off):
         torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_is_set_so_that_every_reader_of_torchs_matmul_precision_can_read_it(enabled):
+    """precision.tf32 on CUDA: both torch's newer per-backend setting and its older flags say
+    the same (set through the newer alone, the older readers raised "mix of the legacy and new
+    APIs": torch.get_float32_matmul_precision, which inductor's autotuning calls)."""
+    from txtrain.precision import use_tf32
+
+    try:
+        use_tf32(enabled)
+        assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+        assert torch.backends.cuda.matmul.allow_tf32 is enabled and torch.backends.cudnn.allow_tf32 is enabled
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch 2.9 and later
+            assert (torch.backends.cuda.matmul.fp32_precision == "tf32") is enabled
+    finally:
+        use_tf32(False)  # torch's default

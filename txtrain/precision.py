@@ -87,11 +87,10 @@ class Precision:
 
 
 def use_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer)."""
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # the API since torch 2.9
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer), through the flags
+    torch has always had: torch keeps its newer per-backend settings (``fp32_precision``, since
+    2.9) in step with them. Set alone, the newer ones leave the older flags disagreeing, and
+    whatever reads those (torch.get_float32_matmul_precision(): inductor's autotuning, flex
+    attention, other libraries) raises "mix of the legacy and new APIs"."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
