@@ -4,6 +4,10 @@ import os
 # start): test files run one per core, and the spinning thread pools of two processes on two
 # cores would slow both several times over. Tiny models gain nothing from a second thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite tests the CPU paths, on a GPU machine too (its tolerances are the CPU's, and its
+# ranks share one machine with gloo). GPUs are tested by scripts/gpu_check.py. Hidden before
+# torch starts: the runs forked from a process that had looked at CUDA could not use it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import contextlib
 import copy
