@@ -148,8 +148,11 @@ def test_a_refused_command_removes_the_folders_it_made_and_only_those(tmp_path, 
         (tmp_path / mine).mkdir()
     heads = ["model.n_embd=100", "model.n_head=3"]  # refused as the config is read
     too_long = ["task.max_len=200"]  # refused once the run dir is locked and the task built
+    # refused once the strategy is built, which on a CPU has a warning to give: not into a log
+    warned = ["parallel=dp", "train.micro_batch_size=7"]
     for args in (heads, [*heads, "hydra.run.dir=x/y/z"], [*heads, "hydra.run.dir=mine/y/z"],
-                 [*heads, "hydra.run.dir=empty_run_dir"], too_long, [*too_long, "hydra.run.dir=a/b"]):
+                 [*heads, "hydra.run.dir=empty_run_dir"], too_long, [*too_long, "hydra.run.dir=a/b"],
+                 [*warned, "hydra.run.dir=c/d"], [*warned, "hydra.run.dir=empty_run_dir"]):
         outcome = call_txtrain(*args)
         assert outcome.status == 2, (args, outcome.stderr)
         one_error_line(outcome.stderr)

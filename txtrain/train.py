@@ -320,7 +320,7 @@ class Trainer:
         budget = self.cfg.plan.device_memory_gb or planner.device_memory_gb(self.device)
         for line in planner.report(self.cfg, self.layout, self.plans, budget):
             log.info(line)
-        for line in self.resume_warnings:
+        for line in [*self.strategy.warnings, *self.resume_warnings]:
             log.info(f"warning: {line}")
         if self.resumed_from is not None:
             log.info(f"resumed from {self.resumed_from} at step {self.step}")

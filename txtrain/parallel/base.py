@@ -51,6 +51,8 @@ class Strategy:
 
     def __init__(self, cfg: ParallelConfig, device: str = "auto"):
         self.cfg = cfg
+        # For the run's log, once the run is accepted: a command refused later writes nothing.
+        self.warnings: list[str] = []
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.placement = cfg.placement(self.world_size)

@@ -16,8 +16,6 @@ copies the keyword arguments to every GPU, so the other replicas would run witho
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -26,9 +24,6 @@ from txtrain.parallel.base import Strategy
 from txtrain.parallel.specs import ParallelConfig
 from txtrain.precision import DTYPES
 from txtrain.rng import seed_each_gpu
-
-log = logging.getLogger("txtrain")
-
 
 class AutocastEachReplica(nn.Module):
     """Runs ``module`` under autocast to ``dtype``, whatever autocast the calling thread has."""
@@ -54,8 +49,8 @@ class DP(Strategy):
         self.dtype = DTYPES[precision]
         self.seed = seed
         if self.n_gpus < 2:
-            log.warning(f"parallel=dp needs at least 2 GPUs and found {self.n_gpus}; "
-                        "running as parallel=none")
+            self.warnings.append(f"parallel=dp needs at least 2 GPUs and found {self.n_gpus}; "
+                                 "running as parallel=none")
         elif compile:
             raise ConfigError("parallel=dp cannot run compile=true: DataParallel copies the model "
                               "onto every GPU at each forward and a compiled block keeps running "
