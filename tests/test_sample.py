@@ -1,5 +1,5 @@
 """txtrain-sample on what users actually have: a checkpoint whose tokenizer file has moved, a run
-dir without checkpoints, a prompt longer than the model can read."""
+dir without checkpoints, a prompt longer than the window the model was trained on."""
 
 import shutil
 
@@ -51,18 +51,14 @@ def test_a_moved_ranks_file_is_found_in_tiktokens_cache(tmp_path, capsys, monkey
     assert out.startswith("SOCRATES:")
 
 
-@pytest.fixture(scope="module")
-def reverse_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("reverse")
-    Trainer(make_config("train.steps=1", "train.eval_every=0", "task.n_eval=10", "model.n_layer=1",
-                        "model.n_embd=32"), run).fit()
-    return run
-
-
-def test_a_prompt_longer_than_the_model_reads_is_a_one_line_error(reverse_run, capsys):
-    context = make_config().model.max_seq_len
+def test_a_prompt_longer_than_the_model_reads_is_a_one_line_error(tmp_path, capsys):
+    trainer = Trainer(make_config("train.steps=1", "train.eval_every=0", "task.n_eval=10", "model.n_layer=1",
+                                  "model.n_embd=32"), tmp_path)
+    trainer.fit()
+    context = trainer.task.max_seq_len  # the window it trained on
+    assert context < trainer.cfg.model.max_seq_len  # (so that the test tells the two apart)
     prompt = " ".join(["3"] * (context + 1))
-    status, out, err = run_sample(capsys, str(reverse_run), "--prompt", prompt, "--temperature", "0")
+    status, out, err = run_sample(capsys, str(tmp_path), "--prompt", prompt, "--temperature", "0")
     assert status == 2 and out == ""
     assert err.startswith("error: the prompt is") and f"at most {context}" in err and err.count("\n") == 1
 

@@ -187,7 +187,7 @@ def text_run(tmp_path_factory) -> Path:
     write(root / "corpus" / "a.txt", "SOCRATES: What is virtue, Meno?\nMENO: I do not know.\n" * 60)
     result = run_txtrain("task=text", f"task.data.path={root / 'corpus'}", "task.tokenizer=char",
                          f"task.cache_dir={root / 'cache'}", "task.seq_len=32", "task.sample_tokens=40",
-                         "task.prompts=[SOCRATES:]", "model.max_seq_len=32", "train.steps=120",
+                         "task.prompts=[SOCRATES:]", "model.max_seq_len=48", "train.steps=120",
                          "train.eval_every=60", "optim.lr=3e-3", f"hydra.run.dir={root / 'run'}",
                          cwd=root)
     assert result.returncode == 0, result.stderr
@@ -204,6 +204,8 @@ def test_text_training_lowers_the_validation_loss_and_writes_samples(text_run):
 
 
 def test_txtrain_sample_reproduces_the_run_samples(text_run):
+    """40 new tokens after the prompt: the window slides at the 32 tokens the run trained on
+    (the model's position table has 48)."""
     args = [text_run, "--prompt", "SOCRATES:", "--max-new-tokens", "40", "--temperature", "0.8",
             "--top-k", "40", "--seed", "0"]
     result, = forked.run(args, text_run, command="txtrain-sample", timeout=120)

@@ -81,6 +81,9 @@ class CheckpointMeta:
     vocab_size: int
     codec: dict  # the task's tokenizer: sampling needs no data, only the checkpoint
     early_stopping: dict = dataclasses.field(default_factory=dict)  # EarlyStopping.state_dict(); {}: none
+    # The window the run trained on and slid its samples at (the task's longest sequence), for
+    # txtrain-sample to draw the same; 0 where not recorded: model.max_seq_len.
+    context: int = 0
 
     @classmethod
     def load(cls, path: Path) -> CheckpointMeta:

@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from txtrain.config import ConfigError, ModelConfig
 from txtrain.generate import ModelLogits, draw_text
 from txtrain.tasks.base import Sampling
+
+if TYPE_CHECKING:
+    from txtrain.resume import CheckpointMeta
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,17 +71,24 @@ def load_model(path: Path, device: torch.device):
     return model.to(device).eval(), meta, checkpoint
 
 
+def sampling_context(meta: CheckpointMeta, model) -> int:
+    """The window to sample with: the one the run trained on and sampled at, so that the same
+    prompt and seed draw what the run wrote in samples.txt (model.max_seq_len where the
+    checkpoint does not say)."""
+    return meta.context or model.cfg.max_seq_len
+
+
 def check_prompt_fits(prompt_tokens: int, context: int) -> None:
     """The model sees at most ``context`` tokens: a longer prompt would lose its beginning."""
     if prompt_tokens > context:
         raise ConfigError(f"the prompt is {prompt_tokens} tokens long and the model reads at most "
-                          f"{context} (its model.max_seq_len); shorten the prompt")
+                          f"{context} (the window it was trained on); shorten the prompt")
 
 
 def answer(model, device: torch.device, codec, prompt: str, sampling: Sampling, seed: int,
-           with_cache: bool) -> str:
+           with_cache: bool, context: int) -> str:
     """A GPT's continuation of ``prompt``, or an encoder-decoder's answer to it, as text."""
-    ids, context = codec.encode(prompt), model.cfg.max_seq_len
+    ids = codec.encode(prompt)
     if not model.needs_sources:
         return draw_text(ModelLogits(model, device, with_cache=with_cache), codec, ids, sampling,
                          seed, context)
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint = best_checkpoint(Path(args.checkpoint)) if args.best else args.checkpoint
         model, meta, checkpoint = load_model(Path(args.checkpoint), device)
         codec = codec_from_checkpoint(meta.as_dict(), args.tokenizer_file)
-        context = model.cfg.max_seq_len
+        context = sampling_context(meta, model)
         check_prompt_fits(len(codec.encode(args.prompt)), context)  # before any work
         if model.objective == "masked":
             check_prompt_has_masks(args.prompt, codec)
@@ -139,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     sampling = Sampling([args.prompt], args.max_new_tokens, args.temperature, args.top_k or None)
     with torch.no_grad():
         for i in range(args.num_samples):
-            text = answer(model, device, codec, args.prompt, sampling, args.seed + i, not args.no_cache)
+            text = answer(model, device, codec, args.prompt, sampling, args.seed + i, not args.no_cache,
+                          context)
             separator = " -> " if meta.codec["kind"] == "synthetic" else ""
             print(f"{args.prompt}{separator}{text}", flush=True)
             if i + 1 < args.num_samples:

@@ -277,7 +277,7 @@ class Trainer:
             precision=self.precision.state_dict(), model_config=plain(self.cfg.model),
             run_config=self.run_config, config_hash=config_hash(self.run_config),
             vocab_size=self.task.vocab_size, codec=self.task.codec.state(),
-            early_stopping=self.early_stop.state_dict())
+            early_stopping=self.early_stop.state_dict(), context=self.task.max_seq_len)
         state = self.strategy.state_dict(self.model, self.optimizer)
         # Not the param groups' hyperparameters: a resume keeps its own (the run config in the
         # meta says what they were), and as one entry per parameter and setting they were
