@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import call_txtrain, make_config
+from conftest import call_txtrain, make_config, run_ranks
 from txtrain.checkpoint import Checkpoints, SaveFailed, find_checkpoint, load_state, step_of, verify
 from txtrain.model.base import tied_aliases
 from txtrain.resume import CheckpointMeta
@@ -163,6 +163,24 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_run_goes_on(small_disk, 
                                   "train.eval_every=0", "task.n_eval=10"), tmp_path / "next")
     assert resumed.resumed_from.name == "step_000001"
     assert resumed.fit()["step"] == 2
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full: a device that is always full")
+def test_a_log_the_main_rank_cannot_write_is_reported_once_and_every_rank_trains_on(tmp_path):
+    """metrics.jsonl on a device that is always full: its writes fail as on a full disk. Rank 0
+    alone writes it; had it raised there, rank 1 would have waited in the next step's
+    collectives (until the timeout, 30 minutes) for a rank that had left."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")
+    done = run_ranks("parallel=ddp", *SMALL, "train.steps=3", "train.save_every=0", f"hydra.run.dir={run}",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "writing metrics.jsonl failed" in warnings[0], warnings
+    assert "No space left on device" in warnings[0]
+    assert json.loads((run / "run.json").read_text())["result"]["step"] == 3  # the other outputs go on
 
 
 # --- faults on one rank or on all, under ddp x2 ----------------------------------------------

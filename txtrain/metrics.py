@@ -33,6 +33,7 @@ class RunLog:
         self.run_fields: dict = {}
         self.files = {}
         self.scalar_logs: list = []  # TensorBoardLog, WandbLog
+        self.failed: set[str] = set()  # outputs that could not be written: the run goes on without them
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             for name in loggers:  # first: one that cannot start (a missing package) leaves no open file
@@ -68,9 +69,13 @@ class RunLog:
         """Add ``fields`` to run.json (written whole each time: it stays valid JSON)."""
         if self.enabled:
             self.run_fields.update(fields)
-            tmp = self.run_dir / ".run.json.tmp"
-            tmp.write_text(json.dumps(self.run_fields, indent=1) + "\n")
-            tmp.replace(self.run_dir / "run.json")
+
+            def write() -> None:
+                tmp = self.run_dir / ".run.json.tmp"
+                tmp.write_text(json.dumps(self.run_fields, indent=1) + "\n")
+                tmp.replace(self.run_dir / "run.json")
+
+            self.guarded("run.json", write)
 
     def eval(self, record: dict) -> None:
         if self.enabled:
@@ -81,10 +86,13 @@ class RunLog:
     def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
         """Append generations (prompt, continuation) to samples.txt."""
         if self.enabled and samples:
-            with (self.run_dir / "samples.txt").open("a", encoding="utf-8") as out:
-                out.write(f"=== step {step} ===\n")
-                for prompt, text in samples:
-                    out.write(f"--- prompt {prompt!r} ---\n{prompt}{text}\n")
+            def write() -> None:
+                with (self.run_dir / "samples.txt").open("a", encoding="utf-8") as out:
+                    out.write(f"=== step {step} ===\n")
+                    for prompt, text in samples:
+                        out.write(f"--- prompt {prompt!r} ---\n{prompt}{text}\n")
+
+            self.guarded("samples.txt", write)
 
     def scalars(self, section: str, record: dict) -> None:
         """The numbers of ``record`` as scalars ``section/name`` at its step, to each logger
@@ -92,23 +100,45 @@ class RunLog:
         numbers = {f"{section}/{name}": value for name, value in record.items()
                    if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         for scalar_log in self.scalar_logs:
-            scalar_log.scalars(numbers, record["step"])
+            self.guarded(scalar_log.name, lambda: scalar_log.scalars(numbers, record["step"]))
 
     def _write(self, name: str, record: dict) -> None:
-        handle = self.files[name]
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
+        def write() -> None:
+            handle = self.files[name]
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+        self.guarded(f"{name}.jsonl", write)
+
+    def guarded(self, output: str, write) -> None:
+        """One write to one of the run's outputs. One that fails (a full disk or quota, an I/O
+        error) is reported once, and the run goes on without that output, as it goes on after
+        a failed save: the main rank alone writes these, and a raise there would leave every
+        other rank waiting in the next step's collectives."""
+        if output in self.failed:
+            return
+        try:
+            write()
+        except OSError as error:
+            self.failed.add(output)
+            print(f"warning: writing {output} failed ({error}); training goes on without it",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
-        for handle in self.files.values():
-            handle.close()
+        for name, handle in self.files.items():
+            try:
+                handle.close()
+            except OSError:  # what a failed write left in its buffer (reported then)
+                pass
         for scalar_log in self.scalar_logs:
-            scalar_log.close()
+            self.guarded(scalar_log.name, scalar_log.close)
 
 
 class TensorBoardLog:
     """Event files under ``folder``: the scalars, and the config as text."""
+
+    name = "tensorboard"
 
     def __init__(self, folder: Path, config: dict):
         try:
@@ -131,6 +161,8 @@ class WandbLog:
     """A Weights & Biases run, its files under ``<run dir>/wandb/``: the config, and the scalars
     at the training step. WANDB_MODE=offline logs without a network (``wandb sync`` uploads);
     WANDB_PROJECT (default txtrain), WANDB_ENTITY and WANDB_NAME choose where and what name."""
+
+    name = "wandb"
 
     def __init__(self, run_dir: Path, start_step: int, config: dict):
         try:
