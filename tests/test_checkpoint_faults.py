@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import call_txtrain, make_config, run_ranks
+import forked
+from conftest import call_txtrain, make_config, quiet, run_ranks
 from txtrain.checkpoint import Checkpoints, SaveFailed, find_checkpoint, load_state, step_of, verify
 from txtrain.model.base import tied_aliases
 from txtrain.resume import CheckpointMeta
@@ -285,3 +286,16 @@ def test_a_stop_whose_save_fails_still_stops_every_rank_the_same_way(faulty_runs
     assert f"exitcode  : {INTERRUPTED_STATUS}" in faulty_runs["output"]  # torchrun's report of the ranks
     assert "after step 11" in zero["stderr"] and zero["saves"][-1][0] == 11
     assert "its checkpoint could not be saved" in zero["stderr"]  # not "checkpoint ... saved"
+
+
+def test_outputs_the_main_rank_cannot_open_at_the_start_stop_every_rank_with_one_line(tmp_path):
+    """metrics.jsonl is a folder (a run dir that something else wrote into): rank 0 cannot open
+    it. Every rank must stop with that line, not rank 0 alone while rank 1 trains into the
+    first step's collectives."""
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)
+    zero, one = forked.run(quiet(["parallel=ddp", *SMALL, "train.steps=3", "train.save_every=0",
+                                  f"hydra.run.dir={run}"]), tmp_path, ranks=2)
+    assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])  # each ended itself
+    assert zero.stderr.strip() == f"error: cannot write {run / 'metrics.jsonl'}: Is a directory"
+    assert one.stderr.strip() == ""  # rank 0 speaks for all

@@ -99,8 +99,7 @@ def run(raw: DictConfig) -> float | None:
             objective.check_direction(cfg.objective, trainer.task.main_metric, direction)
             if stop.agreed(trainer.device):  # every rank, whichever of them got the signal
                 raise NotStarted(stop.received)
-        if trainer.strategy.is_main:
-            record_config(raw, run_dir)
+        distributed.decided_by_rank_0(lambda: record_config(raw, run_dir))  # rank 0 writes; all learn how it went
         summary = trainer.fit()
         value = distributed.decided_by_rank_0(lambda: objective.objective_value(cfg.objective, summary))
     except ConfigError as error:
@@ -124,8 +123,9 @@ def run(raw: DictConfig) -> float | None:
         if trainer is not None:
             trainer.close()
         sys.exit(INTERRUPTED_STATUS)
-    except OSError:  # a full disk, a folder that cannot be written: reported in one line
-        raise
+    except OSError as error:  # a full disk, a folder that cannot be written: one line, here
+        leave_no_trace()  # (through Hydra, it would add a line of its own)
+        exit_with_user_error(cannot_write(error))
     except Exception as bug:  # not the user's doing: keep the traceback, exit 1
         raise Bug() from bug
     finally:
@@ -245,8 +245,7 @@ def run_command() -> None:
         exit_with_user_error(error)
     except OSError as error:  # a run dir that cannot be made or written, a full disk, ...
         rundir.leave_no_trace()
-        where = f" {error.filename}" if error.filename else ""
-        exit_with_user_error(ConfigError(f"cannot write{where}: {error.strerror or error}"))
+        exit_with_user_error(cannot_write(error))
     except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now, not a traceback
         rundir.leave_no_trace()
         sys.exit(130)
@@ -318,6 +317,11 @@ def expand_plan_flag(arg: str) -> str:
     """``plan=true`` is short for ``plan.only=true`` (plan is a group of settings)."""
     key, _, value = arg.partition("=")
     return f"plan.only={value.lower()}" if key == "plan" and value.lower() in ("true", "false") else arg
+
+
+def cannot_write(error: OSError) -> ConfigError:
+    where = f" {error.filename}" if error.filename else ""
+    return ConfigError(f"cannot write{where}: {error.strerror or error}")
 
 
 def exit_with_user_error(error: BaseException, status: int = USER_ERROR_STATUS) -> None:

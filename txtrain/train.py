@@ -20,6 +20,7 @@ import torch
 from txtrain.allocator import keep_freed_memory, return_freed_memory
 from txtrain.checkpoint import Checkpoints, SaveFailed
 from txtrain.config import Config, ConfigError, ModelConfig, TrainingStopped
+from txtrain.distributed import decided_by_rank_0
 from txtrain.early_stop import EarlyStopping
 from txtrain.generate import complete
 from txtrain.metrics import RunLog, Speed
@@ -86,11 +87,7 @@ class Trainer:
         if (finished := finished_result(self.run_dir, self.strategy, self.step, train.steps,
                                         self.early_stop.should_stop)) is not None:
             return finished
-        log = RunLog(self.run_dir, self.strategy.is_main, self.cfg.progress, self.step, train.steps,
-                     loggers=self.cfg.logger, config=plain(self.cfg))
-        if self.strategy.is_main:  # the others write neither: no memory report, no git lookups
-            self.announce(log)
-            log.run_info(**run_identity(self.strategy.world_size, self.device))
+        log = self.open_log()
         started, tokens_at_start = time.perf_counter(), self.tokens
         speed = Speed(self.tokens, self.step)
         with StopRequests(train.stop_signal) as stop:  # SIGTERM, Ctrl-C: save, then leave
@@ -140,6 +137,27 @@ class Trainer:
                    "tokens_per_s": (self.tokens - tokens_at_start) / seconds}
         self.finish(log, summary)
         return summary
+
+    def open_log(self) -> RunLog:
+        """The run's log. The main rank opens the run's outputs and loggers and reports the start
+        (the others write none of it: no memory report, no git lookups); should that fail (a
+        logger that cannot start, a file that cannot be written), every rank stops alike, rather
+        than the others waiting in the first step for a rank that has left."""
+        def opened(enabled: bool) -> RunLog:
+            return RunLog(self.run_dir, enabled, self.cfg.progress, self.step, self.cfg.train.steps,
+                          loggers=self.cfg.logger, config=plain(self.cfg))
+
+        main_log = []
+
+        def start_on_main() -> None:
+            if not self.strategy.is_main:  # (where no process group joins the ranks)
+                return
+            main_log.append(opened(True))
+            self.announce(main_log[0])
+            main_log[0].run_info(**run_identity(self.strategy.world_size, self.device))
+
+        decided_by_rank_0(start_on_main)
+        return main_log[0] if main_log else opened(False)
 
     def stop_here(self, log: RunLog, signal_name: str) -> None:
         """Asked to stop: save this step and leave (``Interrupted``)."""
