@@ -173,14 +173,15 @@ def test_a_log_the_main_rank_cannot_write_is_reported_once_and_every_rank_trains
     collectives (until the timeout, 30 minutes) for a rank that had left."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").symlink_to("/dev/full")
+    for output in ("metrics.jsonl", "memory.json"):  # one written every step, one at the end
+        (run / output).symlink_to("/dev/full")
     done = run_ranks("parallel=ddp", *SMALL, "train.steps=3", "train.save_every=0", f"hydra.run.dir={run}",
                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     warnings = [line for line in done.stderr.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and "writing metrics.jsonl failed" in warnings[0], warnings
-    assert "No space left on device" in warnings[0]
+    assert [w.split("warning: writing ")[1].split(" ")[0] for w in warnings] == ["metrics.jsonl", "memory.json"]
+    assert all("No space left on device" in warning for warning in warnings)
     assert json.loads((run / "run.json").read_text())["result"]["step"] == 3  # the other outputs go on
 
 

@@ -184,7 +184,7 @@ class Trainer:
             try:
                 from txtrain.plots import plot_run
 
-                plot_run(self.run_dir)
+                log.guarded("loss.png", lambda: plot_run(self.run_dir))
             except ImportError as missing:
                 log.info(f"no loss.png: {missing}")
 
@@ -360,7 +360,8 @@ class Trainer:
             log.info(f"memory rank {rank['rank']}: peak {planner.gib(rank['measured_peak'])} "
                      f"measured ({rank['measured_by']}{before}), "
                      f"{planner.gib(rank['planned']['peak'])} planned")
-        (self.run_dir / "memory.json").write_text(json.dumps(everyone, indent=1) + "\n")
+        memory = json.dumps(everyone, indent=1) + "\n"
+        log.guarded("memory.json", lambda: (self.run_dir / "memory.json").write_text(memory))
 
 
 def finite_or_none(value: float) -> float | None:
