@@ -300,3 +300,27 @@ def test_outputs_the_main_rank_cannot_open_at_the_start_stop_every_rank_with_one
     assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])  # each ended itself
     assert zero.stderr.strip() == f"error: cannot write {run / 'metrics.jsonl'}: Is a directory"
     assert one.stderr.strip() == ""  # rank 0 speaks for all
+
+
+def test_overwrite_that_cannot_delete_the_earlier_run_stops_every_rank_with_one_line(tmp_path):
+    """resume=never overwrite=true under ddp x2, in a run dir whose tensorboard/ is a mount
+    point (rank 0 empties it and fails to remove it: EBUSY). Rank 0 deletes alone; had it
+    raised there, rank 1 would have waited for it at the next barrier."""
+    run = tmp_path / "run"
+    train(run, "train.steps=1", "train.save_every=1")
+    (run / "tensorboard").mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run / "tensorboard")],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        zero, one = forked.run(quiet(["parallel=ddp", *SMALL, "train.steps=1", "resume=never", "overwrite=true",
+                                      f"hydra.run.dir={run}"]), tmp_path, ranks=2)
+    finally:
+        subprocess.run(["umount", "--lazy", str(run / "tensorboard")], capture_output=True)
+    assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])
+    assert zero.stderr.startswith("error: deleting the earlier run's outputs (overwrite=true) failed on rank 0: "
+                                  "OSError: [Errno 16]"), zero.stderr[-2000:]
+    assert zero.stderr.count("\n") == 1 and one.stderr.strip() == ""

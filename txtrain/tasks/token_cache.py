@@ -38,8 +38,8 @@ def cached_tokens(corpus: Corpus, cfg: TextTaskConfig, progress: bool = True) ->
     if is_local_leader() and not (entry / DATASET_FILE).is_file():
         try:
             build_entry(entry, corpus, cfg, tokenizer, progress)
-        except ConfigError as error:  # say it after the others stopped waiting
-            failure = error
+        except (ConfigError, OSError) as error:  # say it after the others stopped waiting
+            failure = error  # (on the others: the cache is missing, below)
     if dist.is_initialized():
         dist.barrier()
     if failure is not None:
