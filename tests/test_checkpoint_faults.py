@@ -324,3 +324,28 @@ def test_overwrite_that_cannot_delete_the_earlier_run_stops_every_rank_with_one_
     assert zero.stderr.startswith("error: deleting the earlier run's outputs (overwrite=true) failed on rank 0: "
                                   "OSError: [Errno 16]"), zero.stderr[-2000:]
     assert zero.stderr.count("\n") == 1 and one.stderr.strip() == ""
+
+
+def test_a_token_cache_that_cannot_be_written_stops_every_rank_with_one_line(tmp_path):
+    """task.cache_dir on a 64 KB tmpfs, under ddp x2: the rank that tokenizes meets a full disk
+    while the other waits for the cache."""
+    corpus, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    corpus.write_text("socrates asks what justice is, and meno cannot say.\n" * 4000)
+    cache.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        zero, one = forked.run(quiet(["parallel=ddp", "model.n_layer=1", "model.n_embd=32", "task=text",
+                                      f"task.data.path={corpus}",
+                                      "task.tokenizer=char", f"task.cache_dir={cache}", "task.seq_len=16",
+                                      "model.max_seq_len=16", "train.steps=1", f"hydra.run.dir={tmp_path / 'run'}"]),
+                               tmp_path, ranks=2)
+    finally:
+        subprocess.run(["umount", "--lazy", str(cache)], capture_output=True)
+    assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])
+    assert zero.stderr.startswith("error: cannot write") and "No space left on device" in zero.stderr
+    assert zero.stderr.count("\n") == 1 and one.stderr.strip() == ""
