@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import scatter_gather
 
-from conftest import make_config
+import forked
+from conftest import make_config, quiet
 from txtrain.config import ConfigError
 from txtrain.parallel.dp import DP, AutocastEachReplica
 from txtrain.train import Trainer
@@ -182,3 +183,40 @@ def test_the_gpu_checks_data_parallel_row_trains_and_evaluates_through_data_para
     result = gpu_check.check_dp_bf16(context)
     assert {dtype for _, dtype in result.data["seen"]} == {"bfloat16"}
     assert result.data["evaluation"]["exact_match"] >= 0 and math.isfinite(result.data["loss"])
+
+
+ONE_NODE_WITHOUT_ITS_GPU = '''
+"""txtrain under ddp on "GPUs" where rank 1's node has none to give it (rank 0 binds its own)."""
+import os
+
+import torch
+
+import txtrain.parallel.base as base
+from txtrain import cli
+from txtrain.config import ConfigError
+
+
+def own_gpu():
+    if os.environ["RANK"] == "1":
+        raise ConfigError("no GPU of its own here (injected)")
+    return 0
+
+
+base.own_gpu = own_gpu
+base.pick_device = lambda name: torch.device("cuda")
+torch.cuda.set_device = lambda device: None
+cli.main()
+'''
+
+
+def test_a_rank_without_a_gpu_of_its_own_stops_every_rank(tmp_path):
+    """Had rank 1 stopped alone, rank 0 would have gone on into DDP's first broadcast, and waited
+    there for it (here, on a CPU, it fails to use its GPU instead)."""
+    script = tmp_path / "one_node_without_its_gpu.py"
+    script.write_text(ONE_NODE_WITHOUT_ITS_GPU)
+    zero, one = forked.run(quiet(["parallel=ddp", "model.n_layer=1", "model.n_embd=32", "train.steps=1",
+                                  f"hydra.run.dir={tmp_path / 'run'}"]), tmp_path, command=str(script), ranks=2)
+    assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])
+    assert zero.stderr == ("error: finding each process's GPU failed on rank 1: ConfigError: no GPU of its "
+                           "own here (injected)\n")
+    assert one.stderr.strip() == ""

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from txtrain.collective import PhaseFailed, agree
 from txtrain.config import Config, ConfigError
 from txtrain.distributed import own_gpu, require_launched
 from txtrain.generate import ModelLogits
@@ -43,6 +44,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def agreed_gpu() -> int:
+    """This process's own GPU (``own_gpu``), once every rank has found one: a node that has none
+    to give stops every rank, rather than its own alone while the others go on into their first
+    collective."""
+    try:
+        return agree("finding each process's GPU failed", own_gpu)
+    except PhaseFailed as failure:
+        raise ConfigError(str(failure)) from None
+
+
 class Strategy:
     """The interface, with what one process on one device does; each strategy overrides what
     it does differently."""
@@ -60,7 +71,7 @@ class Strategy:
             require_launched(self.name, self.placement.min_ranks)
         self.device = pick_device(device)
         if self.device.type == "cuda" and self.placement.multi_process:  # one GPU per process
-            self.device = torch.device("cuda", own_gpu())
+            self.device = torch.device("cuda", agreed_gpu())
             torch.cuda.set_device(self.device)
         self.data_parallel_rank = self.placement.data_parallel_rank(self.rank)
         self.data_parallel_size = self.placement.data_parallel_size
