@@ -5,6 +5,7 @@ waiting. A full disk (a real, small tmpfs) fails a save without a traceback or l
 step's checkpoint from a replaced run is written anew, safely; the newest checkpoint is the
 one with the highest step number, whatever the `latest` pointer says or the names sort to."""
 
+import contextlib
 import json
 import logging
 import os
@@ -118,23 +119,30 @@ def test_a_crash_while_a_checkpoint_is_replaced_leaves_that_step_whole(tmp_path,
 
 
 # --- a full disk -----------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 9 MB tmpfs: one checkpoint of the default model with AdamW (5.8 MB) fits, two do not."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A real small filesystem of ``size`` (``9m``, ``64k``) mounted on ``folder`` (made here)
+    while the block runs; the test is skipped where one cannot be mounted (it needs root)."""
+    folder.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
         pytest.skip("no mount command to make a small filesystem")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(disk)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs (needs root): {mounted.stderr.strip()}")
     try:
-        yield disk
+        yield folder
     finally:
-        close_log_files_in(disk)  # the command line ran in this process: its log file is open
-        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
+        close_log_files_in(folder)  # a command line run in this process keeps its log file open
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 9 MB tmpfs: one checkpoint of the default model with AdamW (5.8 MB) fits, two do not."""
+    with tmpfs(tmp_path / "disk", "9m") as disk:
+        yield disk
 
 
 def close_log_files_in(folder: Path) -> None:
@@ -308,18 +316,9 @@ def test_overwrite_that_cannot_delete_the_earlier_run_stops_every_rank_with_one_
     raised there, rank 1 would have waited for it at the next barrier."""
     run = tmp_path / "run"
     train(run, "train.steps=1", "train.save_every=1")
-    (run / "tensorboard").mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run / "tensorboard")],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(run / "tensorboard", "1m"):
         zero, one = forked.run(quiet(["parallel=ddp", *SMALL, "train.steps=1", "resume=never", "overwrite=true",
                                       f"hydra.run.dir={run}"]), tmp_path, ranks=2)
-    finally:
-        subprocess.run(["umount", "--lazy", str(run / "tensorboard")], capture_output=True)
     assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])
     assert zero.stderr.startswith("error: deleting the earlier run's outputs (overwrite=true) failed on rank 0: "
                                   "OSError: [Errno 16]"), zero.stderr[-2000:]
@@ -329,23 +328,13 @@ def test_overwrite_that_cannot_delete_the_earlier_run_stops_every_rank_with_one_
 def test_a_token_cache_that_cannot_be_written_stops_every_rank_with_one_line(tmp_path):
     """task.cache_dir on a 64 KB tmpfs, under ddp x2: the rank that tokenizes meets a full disk
     while the other waits for the cache."""
-    corpus, cache = tmp_path / "corpus.txt", tmp_path / "cache"
+    corpus = tmp_path / "corpus.txt"
     corpus.write_text("socrates asks what justice is, and meno cannot say.\n" * 4000)
-    cache.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "cache", "64k") as cache:
         zero, one = forked.run(quiet(["parallel=ddp", "model.n_layer=1", "model.n_embd=32", "task=text",
-                                      f"task.data.path={corpus}",
-                                      "task.tokenizer=char", f"task.cache_dir={cache}", "task.seq_len=16",
-                                      "model.max_seq_len=16", "train.steps=1", f"hydra.run.dir={tmp_path / 'run'}"]),
-                               tmp_path, ranks=2)
-    finally:
-        subprocess.run(["umount", "--lazy", str(cache)], capture_output=True)
+                                      f"task.data.path={corpus}", "task.tokenizer=char", f"task.cache_dir={cache}",
+                                      "task.seq_len=16", "model.max_seq_len=16", "train.steps=1",
+                                      f"hydra.run.dir={tmp_path / 'run'}"]), tmp_path, ranks=2)
     assert zero.returncode == one.returncode == 2, (zero.stderr[-2000:], one.stderr[-2000:])
     assert zero.stderr.startswith("error: cannot write") and "No space left on device" in zero.stderr
     assert zero.stderr.count("\n") == 1 and one.stderr.strip() == ""
