@@ -86,6 +86,42 @@ def test_the_head_costs_three_matmuls_a_chunk_and_backward_recomputes_none():
     assert (forward.count, backward.count) == (3 * 3, 0)  # logits, and both gradients, per chunk
 
 
+class ChunkPasses(TorchDispatchMode):
+    """The ops that pass over a whole (chunk x V) tensor, other than the matmuls, views, and
+    the one-element-a-row gather and scatter of the targets."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.names = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        wide = any(isinstance(t, torch.Tensor) and t.numel() >= self.size for t in tree_leaves((args, kwargs)))
+        if wide and name not in ("mm", "addmm", "addmm_", "gather", "scatter_add_", "slice", "t", "permute"):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_chunks_logits_are_passed_over_twice_for_loss_and_softmax(dtype):
+    """A fused log-softmax (max, exp-sum and shift a row at a time, from the compute dtype)
+    gives the loss, and one exp turns it into the softmax; under bf16 one copy back for the
+    gradient matmuls. Before: an fp32 copy, then a max, shift, exp, sum and divide."""
+    hidden, weight, targets = case(n=40, width=4, dtype=torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with ChunkPasses(8 * 53) as passes, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        TokenLoss(chunk_tokens=16, skip_ignored=False)(hidden, weight, targets, 53)  # 3 chunks
+    per_chunk = ["log_softmax", "exp_"] + ([] if dtype == torch.float32 else ["copy_"])
+    assert passes.names == per_chunk * 3
+
+
+def test_a_log_softmax_written_into_its_own_input_is_the_one_written_elsewhere():
+    """The fp32 path takes each chunk's log-probabilities in place of its logits."""
+    logits = torch.randn(16, 50257, generator=torch.Generator().manual_seed(0)) * 30
+    elsewhere = torch.log_softmax(logits, -1)
+    assert torch.equal(torch.log_softmax(logits, -1, out=logits), elsewhere)
+
+
 class NewTensors(TorchDispatchMode):
     """The sizes of the tensors made inside it: not an in-place result nor a view."""
 
@@ -124,7 +160,7 @@ def test_every_chunks_logits_go_into_one_buffer():
     tensors made in between split the freed block): the heap grew by a chunk's logits per chunk."""
     hidden, weight, targets = case(n=40, width=4, dtype=torch.float32)
     hidden.requires_grad_(), weight.requires_grad_()
-    for dtype in (torch.float32, torch.bfloat16):  # the products, and their fp32 copy
+    for dtype in (torch.float32, torch.bfloat16):  # the products, and their fp32 log-probabilities
         with NewTensors() as made, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             TokenLoss(chunk_tokens=16, skip_ignored=False)(hidden, weight, targets, 53)  # 3 chunks
         assert sum(size >= 16 * 53 for size in made.sizes) == (1 if dtype == torch.float32 else 2)

@@ -4,14 +4,16 @@ A (tokens x vocabulary) logits matrix is the largest tensor of a small model's s
 words and 2k tokens, 400 MB in fp32, and the plain loss keeps several of them (the logits,
 their fp32 copy, the log-probabilities, their gradient). ``ChunkedHeadLoss`` runs the head and
 the loss over ``chunk_tokens`` tokens at a time, and computes the gradients while it has each
-chunk's logits: the logits become their own gradient in place (softmax - target), which adds
+chunk's logits: their log-probabilities (one fused kernel, made in place of fp32 logits) give
+the loss, then become the softmax and the logits' gradient in place (softmax - target), which adds
 the chunk's share to the hidden states' and the weight's gradients. Backward only scales those
 by the loss's incoming gradient. No (tokens x vocabulary) tensor outlives a chunk, and each
 chunk's logits are computed and passed over once: the plain path's three head matmuls, none
 recomputed.
 
 Numerics: the matmul runs in the compute dtype (autocast's, as ``nn.Linear`` would, else the
-weight's), the softmax and the loss in fp32, as the plain path (``logits.float()``) does. The
+weight's), the log-softmax and the loss in fp32, as the plain path (``logits.float()`` and
+``F.cross_entropy``) does. The
 gradient of the logits goes back to the compute dtype for the two gradient matmuls, as
 autocast's linear does; both gradients are summed in fp32 and scaled in fp32.
 
@@ -105,24 +107,15 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def chunk_losses(z: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smoothing: float,
-                 into_softmax: bool = False) -> torch.Tensor:
-    """For fp32 logits ``z`` (n, V) and ``targets`` (n,), a class on every row (any on an
-    ignored one): each row's loss, 0 where not ``valid``. ``into_softmax``: z becomes
-    softmax(z) in place on the way, which the logsumexp needs anyway: no temporary and no
-    second exp pass for the gradient."""
-    picked = z.gather(1, targets[:, None]).squeeze(1)
-    loss = -(1.0 - smoothing) * picked
+def chunk_losses(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                 smoothing: float) -> torch.Tensor:
+    """For fp32 log-probabilities ``logp`` (n, V) and ``targets`` (n,), a class on every row
+    (any on an ignored one): each row's loss, 0 where not ``valid``, as F.cross_entropy
+    (label smoothing included) takes it from the same log-probabilities."""
+    loss = -(1.0 - smoothing) * logp.gather(1, targets[:, None]).squeeze(1)
     if smoothing > 0:
-        loss = loss - (smoothing / z.shape[-1]) * z.sum(-1)
-    if into_softmax:
-        top = z.amax(-1, keepdim=True)
-        sums = z.sub_(top).exp_().sum(-1, keepdim=True)
-        z.div_(sums)
-        lse = (top + sums.log()).squeeze(1)
-    else:
-        lse = torch.logsumexp(z, dim=-1)
-    return (loss + lse).masked_fill(~valid, 0.0)
+        loss = loss - (smoothing / logp.shape[-1]) * logp.sum(-1)
+    return loss.masked_fill(~valid, 0.0)
 
 
 def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -130,31 +123,35 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     then: Callable[..., None] | None = None):
     """The loss sum and (``want_hits``) each row's argmax == target. ``hidden`` (N, C) and
     ``weight`` (V, C), the real rows only, in the compute dtype. ``then(rows, p, classes,
-    valid, spare)``, if given, gets each chunk's softmax (fp32, made in place of the logits)
-    once its loss is taken, and may overwrite it, with the chunk's target classes (0 on
-    ignored rows), which rows count, and a free buffer of p's shape in the compute dtype (p
-    itself where that is fp32)."""
+    valid, spare)``, if given, gets each chunk's softmax (fp32 or wider, made in place of its
+    log-probabilities) once its loss is taken, and may overwrite it, with the chunk's target
+    classes (0 on ignored rows), which rows count, and a free buffer of p's shape in the
+    compute dtype."""
     n = hidden.shape[0]
     valid = targets != ignore_index
     classes = targets.masked_fill(~valid, 0)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     hits = torch.empty(n, dtype=torch.bool, device=hidden.device) if want_hits else None
-    # Every chunk's logits in the same buffers. A new (chunk x V) tensor per chunk does not
-    # reuse the last one's memory on a CPU: small tensors made in between split the freed
-    # block, and the heap grew by a chunk's logits per chunk.
+    # Every chunk's logits in the same buffer, and their log-probabilities in it too where the
+    # logits are fp32 (else in a second one). A new (chunk x V) tensor per chunk does not reuse
+    # the last one's memory on a CPU: small tensors made in between split the freed block, and
+    # the heap grew by a chunk's logits per chunk.
     shape = (min(chunk, n), weight.shape[0])
     products = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
-    wide = products if hidden.dtype == torch.float32 else torch.empty(shape, device=hidden.device)
+    wide = torch.promote_types(hidden.dtype, torch.float32)  # the loss's dtype: fp32 at least
+    log_probs = products if products.dtype == wide else torch.empty(shape, dtype=wide, device=hidden.device)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        z = spare = torch.mm(hidden[rows], weight.T, out=products[: rows.stop - start])
-        if z.dtype != torch.float32:
-            z = wide[: rows.stop - start].copy_(z)
+        z = torch.mm(hidden[rows], weight.T, out=products[: rows.stop - start])
         if want_hits:
             hits[rows] = z.argmax(-1) == targets[rows]
-        total += chunk_losses(z, classes[rows], valid[rows], smoothing, into_softmax=then is not None).sum()
+        # One fused kernel, a row at a time (max, exp-sum, shift): fewer passes over the chunk
+        # than a max, shift, exp, sum and divide of its own. In place of fp32 logits: each row
+        # is read whole before any of it is written, on the CPU and the GPU kernels alike.
+        logp = torch.log_softmax(z, -1, dtype=wide, out=log_probs[: rows.stop - start])
+        total += chunk_losses(logp, classes[rows], valid[rows], smoothing).sum()
         if then is not None:
-            then(rows, z, classes[rows], valid[rows], spare)
+            then(rows, logp.exp_(), classes[rows], valid[rows], z)
     return total, hits
 
 
@@ -181,7 +178,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                                                                device=z.device))
                 if smoothing > 0:
                     z.sub_(smoothing / vocab_size)
-                g = z if spare is z else spare.copy_(z)  # the compute dtype's copy, for the matmuls
+                g = z if z.dtype == dtype else spare.copy_(z)  # the compute dtype's copy, for the matmuls
                 keep = valid[:, None].to(dtype)
                 if want_h:
                     grad_h[rows] = (g @ w) * keep
