@@ -109,9 +109,9 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def chunk_losses(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                  smoothing: float) -> torch.Tensor:
-    """For fp32 log-probabilities ``logp`` (n, V) and ``targets`` (n,), a class on every row
-    (any on an ignored one): each row's loss, 0 where not ``valid``, as F.cross_entropy
-    (label smoothing included) takes it from the same log-probabilities."""
+    """For log-probabilities ``logp`` (n, V), fp32 or wider, and ``targets`` (n,), a class on
+    every row (any on an ignored one): each row's loss, 0 where not ``valid``, as
+    F.cross_entropy (label smoothing included) takes it from the same log-probabilities."""
     loss = -(1.0 - smoothing) * logp.gather(1, targets[:, None]).squeeze(1)
     if smoothing > 0:
         loss = loss - (smoothing / logp.shape[-1]) * logp.sum(-1)
@@ -126,7 +126,7 @@ def chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     valid, spare)``, if given, gets each chunk's softmax (fp32 or wider, made in place of its
     log-probabilities) once its loss is taken, and may overwrite it, with the chunk's target
     classes (0 on ignored rows), which rows count, and a free buffer of p's shape in the
-    compute dtype."""
+    compute dtype (p itself where p is in the compute dtype)."""
     n = hidden.shape[0]
     valid = targets != ignore_index
     classes = targets.masked_fill(~valid, 0)
