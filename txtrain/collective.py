@@ -14,6 +14,8 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
+from txtrain.config import ConfigError
+
 T = TypeVar("T")
 Gather = Callable[[object], list]
 
@@ -81,6 +83,15 @@ def agree(phase: str, action: Callable[[], T], gather: Gather = gather_all,
     if failures:
         raise PhaseFailed(phase, failures) from local
     return result
+
+
+def agree_or_refuse(phase: str, action: Callable[[], T]) -> T:
+    """``agree``, for a phase whose failure is the user's to mend (a node without a GPU for
+    each process, outputs that cannot be deleted): one line, the same ConfigError on every rank."""
+    try:
+        return agree(phase, action)
+    except PhaseFailed as failure:
+        raise ConfigError(str(failure)) from None
 
 
 def node_leader(gather: Gather = gather_all) -> bool:

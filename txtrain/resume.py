@@ -35,7 +35,7 @@ import torch
 
 from txtrain import checkpoint
 from txtrain.checkpoint import Checkpoints, agreed_load, find_checkpoint_everywhere, load_state, load_state_keys
-from txtrain.collective import PhaseFailed, agree
+from txtrain.collective import agree_or_refuse
 from txtrain.config import Config, ConfigError, ModelConfig
 from txtrain.optim import build_optimizer, length_changes_past_lrs, lr_factor, per_parameter_state
 
@@ -259,10 +259,8 @@ def start_over(cfg: Config, run_dir: Path, checkpoints: Checkpoints, strategy) -
             shutil.rmtree(checkpoints.directory, ignore_errors=True)
             remove_run_outputs(run_dir)
 
-    try:  # rank 0 deletes; should it fail, every rank stops, rather than wait for it
-        agree("deleting the earlier run's outputs (overwrite=true) failed", remove)
-    except PhaseFailed as failure:
-        raise ConfigError(str(failure)) from None
+    # rank 0 deletes; should it fail, every rank stops, rather than wait for it
+    agree_or_refuse("deleting the earlier run's outputs (overwrite=true) failed", remove)
 
 
 def remove_run_outputs(run_dir: Path) -> None:

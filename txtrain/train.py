@@ -143,21 +143,21 @@ class Trainer:
         (the others write none of it: no memory report, no git lookups); should that fail (a
         logger that cannot start, a file that cannot be written), every rank stops alike, rather
         than the others waiting in the first step for a rank that has left."""
-        def opened(enabled: bool) -> RunLog:
-            return RunLog(self.run_dir, enabled, self.cfg.progress, self.step, self.cfg.train.steps,
-                          loggers=self.cfg.logger, config=plain(self.cfg))
+        main = self.strategy.is_main
+        log = None
 
-        main_log = []
+        def start() -> None:  # on rank 0 (on each rank where no process group joins them)
+            nonlocal log
+            log = RunLog(self.run_dir, main, self.cfg.progress, self.step, self.cfg.train.steps,
+                         loggers=self.cfg.logger, config=plain(self.cfg))
+            if main:
+                self.announce(log)
+                log.run_info(**run_identity(self.strategy.world_size, self.device))
 
-        def start_on_main() -> None:
-            if not self.strategy.is_main:  # (where no process group joins the ranks)
-                return
-            main_log.append(opened(True))
-            self.announce(main_log[0])
-            main_log[0].run_info(**run_identity(self.strategy.world_size, self.device))
-
-        decided_by_rank_0(start_on_main)
-        return main_log[0] if main_log else opened(False)
+        decided_by_rank_0(start)
+        if log is None:  # a rank that does not write
+            start()
+        return log
 
     def stop_here(self, log: RunLog, signal_name: str) -> None:
         """Asked to stop: save this step and leave (``Interrupted``)."""

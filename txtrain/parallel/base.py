@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from txtrain.collective import PhaseFailed, agree
+from txtrain.collective import agree_or_refuse
 from txtrain.config import Config, ConfigError
 from txtrain.distributed import own_gpu, require_launched
 from txtrain.generate import ModelLogits
@@ -48,10 +48,7 @@ def agreed_gpu() -> int:
     """This process's own GPU (``own_gpu``), once every rank has found one: a node that has none
     to give stops every rank, rather than its own alone while the others go on into their first
     collective."""
-    try:
-        return agree("finding each process's GPU failed", own_gpu)
-    except PhaseFailed as failure:
-        raise ConfigError(str(failure)) from None
+    return agree_or_refuse("finding each process's GPU failed", own_gpu)
 
 
 class Strategy:
